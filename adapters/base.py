@@ -1,0 +1,105 @@
+"""What an adapter tells the engine: where the parts of one model family are, and where the visual tokens are."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from tokencompress.accounting import DecoderShape
+from tokencompress.engine.scoring import apply_rotary
+from tokencompress.view import VisualTokens
+
+
+class Adapter:
+    """Base for one model family. Subclasses set `families` and implement `matches` and `visual_tokens`.
+
+    The defaults below fit LLaMA-style decoders (`self_attn.q_proj/k_proj`, optional `q_norm/k_norm`, rotate-half
+    rotary embedding, `norm` after the last layer); override them for other decoders.
+    """
+
+    families: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    # -- where things are -------------------------------------------------------------------------------
+    @property
+    def multimodal_model(self) -> nn.Module:
+        """The module whose forward receives input_ids and images (its pre-hook finds the visual tokens)."""
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.language_model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    def attention_implementation(self) -> str:
+        return self.text_config._attn_implementation or "eager"
+
+    def shape(self) -> DecoderShape:
+        config = self.text_config
+        attention = self.layers[0].self_attn
+        head_dim = attention.head_dim
+        return DecoderShape(
+            layers=len(self.layers),
+            hidden=config.hidden_size,
+            heads=attention.q_proj.out_features // head_dim,
+            kv_heads=attention.k_proj.out_features // head_dim,
+            head_dim=head_dim,
+            intermediate=config.intermediate_size,
+            vocab=self.lm_head.out_features,
+        )
+
+    # -- visual tokens ----------------------------------------------------------------------------------
+    def visual_tokens(self, inputs: dict[str, Any]) -> VisualTokens | None:
+        """Locate the visual tokens in the multimodal model's call arguments; None when there are none.
+
+        Must raise a clear error when the placeholders do not match the images given.
+        """
+        raise NotImplementedError
+
+    # -- attention pieces for scoring -------------------------------------------------------------------
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers[layer].self_attn
+
+    def key_projection(self, layer: int) -> nn.Module:
+        return self.attention(layer).k_proj
+
+    def queries(self, layer: int, normed: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotated query heads (B, H, n, d) of the attention-input rows `normed` (B, n, hidden)."""
+        attention = self.attention(layer)
+        states = attention.q_proj(normed).unflatten(-1, (-1, attention.head_dim))
+        if hasattr(attention, "q_norm"):
+            states = attention.q_norm(states)
+        return apply_rotary(states.transpose(1, 2), cos, sin)
+
+    def keys(self, layer: int, projected: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotated key heads (B, Hkv, n, d) from the key projection's output (B, n, Hkv x d)."""
+        attention = self.attention(layer)
+        states = projected.unflatten(-1, (-1, attention.head_dim))
+        if hasattr(attention, "k_norm"):
+            states = attention.k_norm(states)
+        return apply_rotary(states.transpose(1, 2), cos, sin)
+
+    def scaling(self, layer: int) -> float:
+        return self.attention(layer).scaling

@@ -1,0 +1,130 @@
+"""The compressor interface, its registry, and the shared base of token droppers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..ops import keep_counts, top_k_mask
+from ..view import VisualView
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a compressor buildable by name and loadable from JSON."""
+
+    def decorate(cls: type[Compressor]) -> type[Compressor]:
+        if name in _REGISTRY:
+            raise ValueError(f"compressor name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def registry() -> dict[str, type[Compressor]]:
+    """Names -> compressor classes."""
+    return dict(_REGISTRY)
+
+
+def build(name: str, **params: Any) -> Compressor:
+    """Build a compressor by its registered name, e.g. build("fastv", layer=2, keep=0.5)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown compressor {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**params)
+
+
+class Compressor:
+    """A method's configuration and its decision rule; no architecture knowledge.
+
+    The engine calls `check_model` at compress time, `check_inputs` at the start of each forward (before any
+    work), and `select` on the visual-token view before decoder layer `layer`. A method that needs attention
+    scores names the layer in `scoring_layer`; the engine recomputes them there and passes them in the view.
+    """
+
+    name: ClassVar[str]
+    layer: int
+
+    def check_model(self, num_layers: int) -> None:
+        if not 1 <= self.layer <= num_layers - 1:
+            raise ValueError(
+                f"{type(self).__name__}: layer={self.layer} is outside this model; "
+                f"allowed 1..{num_layers - 1} (the model has {num_layers} decoder layers)"
+            )
+
+    def check_inputs(self, visual_counts: Tensor) -> None:
+        """Raise if this forward's inputs cannot be compressed by this configuration."""
+
+    def scoring_layer(self) -> int | None:
+        """The decoder layer whose attention scores `select` needs, or None."""
+        return None
+
+    def scoring_query(self) -> str:
+        return "last"
+
+    def select(self, view: VisualView) -> Tensor:
+        """(B, n) bool: which visual slots to keep. Non-visual slots are always kept by the engine."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Compressor:
+        data = dict(data)
+        return build(data.pop("name"), **data)
+
+
+def check_keep(owner: str, keep: float | int) -> None:
+    """keep is a ratio in (0, 1] (a float) or a token count >= 1 (an int)."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"{owner}: keep must be a float ratio in (0, 1] or an int count >= 1, got {keep!r}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(
+            f"{owner}: keep={keep} is outside (0, 1]; pass a ratio in (0, 1] or an int token count"
+        )
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"{owner}: keep={keep} must be a count >= 1 (or a float ratio in (0, 1])")
+
+
+def check_layer(owner: str, layer: int) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"{owner}: layer must be an int, got {layer!r}")
+    if layer < 1:
+        raise ValueError(f"{owner}: layer={layer} must be >= 1 (pruning happens between decoder layers)")
+
+
+class TokenDropper(Compressor):
+    """Base of methods that drop visual tokens once: score them, keep the top `keep` per sample.
+
+    Subclasses are dataclasses with fields `layer` and `keep` and implement `score`.
+    """
+
+    layer: int
+    keep: float | int
+
+    def check_inputs(self, visual_counts: Tensor) -> None:
+        if isinstance(self.keep, int) and bool((visual_counts > 0).any()):
+            smallest = int(visual_counts[visual_counts > 0].min())
+            if self.keep > smallest:
+                raise ValueError(
+                    f"{type(self).__name__}: keep={self.keep} tokens is more than the {smallest} visual tokens of "
+                    f"a sample in this batch; pass a count <= {smallest} or a ratio in (0, 1]"
+                )
+
+    def score(self, view: VisualView) -> Tensor:
+        raise NotImplementedError
+
+    def select(self, view: VisualView) -> Tensor:
+        counts = keep_counts(view.counts(), self.keep)
+        return top_k_mask(self.score(view), view.is_visual, counts)
+
+
+def seeded_uniform(shape: torch.Size, seed: int, device: torch.device) -> Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(shape, generator=generator).to(device)

@@ -1,0 +1,5 @@
+"""Runs a compressor pipeline inside a decoder: slots, masks, caches, scores."""
+
+from .runtime import Engine
+
+__all__ = ["Engine"]

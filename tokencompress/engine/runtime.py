@@ -1,0 +1,399 @@
+"""The engine: runs a pipeline of compressors inside a decoder through forward hooks only.
+
+Per forward it tracks which input tokens the hidden states hold (`Slots`), shrinks them where a compressor acts,
+gathers the rotary cos/sin of the survivors (their original positions), builds each layer's attention mask from
+logical positions and that layer's own cache record (`CacheBook`), and restores full length before the final
+norm so logits, labels and `generate` line up with the input as given.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..accounting import ForwardStats, LayerStats, Stats
+from ..compressors.base import Compressor
+from ..ops import gather_rows
+from ..view import VisualTokens, VisualView
+from .masks import allowed_keys, to_implementation
+from .scoring import attention_received, query_rows, scoring_flops
+from .slots import CacheBook, KeyRecord, Slots
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass(eq=False)
+class ForwardState:
+    """Everything one forward of the text model needs to carry from layer to layer."""
+
+    tokens: VisualTokens | None
+    batch: int
+    length: int
+    device: torch.device
+    padding_mask: Tensor | None  # the 2-D attention mask as given, (B, past + L), or None
+    slots: Slots
+    stats: ForwardStats
+    implementation: str
+    past: int = 0
+    cache: Any = None
+    book: CacheBook | None = None
+    key_ok: Tensor | None = None  # (B, past + L) bool: logical positions that may be attended
+    full_hidden: Tensor | None = None
+    records_before: dict[int, KeyRecord] = field(default_factory=dict)
+    memo: dict[Any, Any] = field(default_factory=dict)
+    captured: dict[int, dict[str, Any]] = field(default_factory=dict)
+    scores: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def has_visual(self) -> bool:
+        return self.tokens is not None
+
+    def chunk_ok(self) -> Tensor:
+        """(B, n) real, unpadded slots of the current sequence."""
+        return self.slots.real & self.key_ok[:, self.past :].gather(1, self.slots.index)
+
+    def at_slots(self, per_token: Tensor) -> Tensor:
+        return per_token.gather(1, self.slots.index)
+
+
+class Engine:
+    """Hooks one model; `detach` removes every trace."""
+
+    def __init__(self, model: nn.Module, adapter: Any, compressors: list[Compressor]) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.compressors = sorted(compressors, key=lambda c: c.layer)
+        self.acting = {c.layer: c for c in self.compressors}
+        self.scoring: dict[int, list[Compressor]] = {}
+        for compressor in self.compressors:
+            if compressor.scoring_layer() is not None:
+                self.scoring.setdefault(compressor.scoring_layer(), []).append(compressor)
+        self.shape = adapter.shape()
+        self.books: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.handles: list[Any] = []
+        self.pending_tokens: VisualTokens | None = None
+        self.fwd: ForwardState | None = None
+        self.prefill_stats: ForwardStats | None = None
+        self.last_stats: ForwardStats | None = None
+        self.last_book: CacheBook | None = None
+        self.kv_element_size = 0
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        adapter = self.adapter
+        try:
+            self._hook_pre(adapter.multimodal_model, self._on_multimodal)
+            self._hook_pre(adapter.language_model, self._on_text)
+            for index, layer in enumerate(adapter.layers):
+                self._hook_pre(layer, partial(self._on_layer, index))
+            for index in self.scoring:
+                attention = adapter.attention(index)
+                self._hook_pre(attention, partial(self._capture_attention_input, index))
+                self.handles.append(
+                    adapter.key_projection(index).register_forward_hook(partial(self._capture_keys, index))
+                )
+                self.handles.append(
+                    attention.register_forward_hook(partial(self._score, index), with_kwargs=True)
+                )
+            self.handles.append(adapter.final_norm.register_forward_pre_hook(self._on_final_norm))
+            self.handles.append(adapter.lm_head.register_forward_hook(self._on_lm_head))
+        except Exception:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook_pre(self, module: nn.Module, fn: Any) -> None:
+        self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = dict(kwargs)
+        if args:
+            inputs.setdefault("input_ids", args[0])
+        tokens = self.adapter.visual_tokens(inputs)
+        if tokens is not None:
+            counts = tokens.counts()
+            for compressor in self.compressors:
+                compressor.check_inputs(counts)
+        self.pending_tokens = tokens
+
+    def _on_text(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        implementation = self.adapter.attention_implementation()
+        if implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"tokencompress runs under attention implementations {SUPPORTED_ATTENTION}; this model now uses "
+                f"{implementation!r}"
+            )
+        if getattr(module, "gradient_checkpointing", False) and module.training:
+            raise ValueError(
+                "tokencompress does not yet support gradient checkpointing (layers would re-run hooks)"
+            )
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch, length = embeds.shape[:2] if embeds is not None else ids.shape[:2]
+        device = (embeds if embeds is not None else ids).device
+        padding_mask = kwargs.get("attention_mask")
+        if padding_mask is not None and padding_mask.dim() != 2:
+            raise ValueError(
+                f"tokencompress needs the 2-D padding attention_mask (batch, length); got {padding_mask.dim()}-D"
+            )
+        tokens, self.pending_tokens = self.pending_tokens, None
+        if tokens is not None and tuple(tokens.image_index.shape) != (batch, length):
+            tokens = None
+        kind = "prefill" if tokens is not None or length > 1 else "decode"
+        self.fwd = ForwardState(
+            tokens=tokens,
+            batch=batch,
+            length=length,
+            device=device,
+            padding_mask=padding_mask,
+            slots=Slots.full(batch, length, device),
+            stats=ForwardStats(kind=kind, batch=batch, length=length, past=0),
+            implementation=implementation,
+        )
+
+    def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        fwd = self.fwd
+        if fwd is None:
+            return None
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if fwd.key_ok is None:
+            self._open_cache(fwd, kwargs.get("past_key_values"), hidden.dtype)
+        compressor = self.acting.get(index)
+        if compressor is not None and fwd.has_visual:
+            hidden = self._compress(fwd, compressor, index, hidden)
+
+        record = self._record(fwd, index)
+        fwd.records_before[index] = record
+        slots = fwd.slots
+        if not (slots.plain and record.plain):
+            mask, extended = self._mask(fwd, record)
+            kwargs["attention_mask"] = mask
+            kwargs["position_embeddings"] = self._rotary(fwd, kwargs["position_embeddings"])
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = self._positions(fwd, kwargs["position_ids"])
+        else:
+            extended = record.extend(slots, fwd.past)
+        if fwd.book is not None:
+            fwd.book.records[index] = extended
+        self._count_layer(fwd, index, len(extended))
+        return (hidden, *args[1:]), kwargs
+
+    def _on_final_norm(self, module: nn.Module, args: tuple) -> tuple | None:
+        fwd = self.fwd
+        if fwd is None:
+            return None
+        self.fwd = None
+        self._finish(fwd)
+        if fwd.full_hidden is None:
+            return None
+        return (self._restore(fwd.full_hidden, fwd.slots, args[0]),)
+
+    def _on_lm_head(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self.last_stats is not None and not self.last_stats.lm_head_flops:
+            rows = args[0].shape[:-1].numel()
+            self.last_stats.lm_head_flops = self.last_stats.baseline_lm_head_flops = self.shape.lm_head_flops(
+                rows
+            )
+
+    # -- importance scores ----------------------------------------------------------------------------------
+    def _capture_attention_input(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        fwd = self.fwd
+        if fwd is None or not fwd.has_visual:
+            return
+        normed = args[0] if args else kwargs["hidden_states"]
+        cache_keys = None
+        record = fwd.records_before[index]
+        if len(record):
+            cache_keys = fwd.cache.layers[index].keys
+        fwd.captured[index] = {
+            "normed": normed,
+            "rotary": kwargs["position_embeddings"],
+            "cache_keys": cache_keys,
+        }
+
+    def _capture_keys(self, index: int, module: nn.Module, args: tuple, output: Tensor) -> None:
+        fwd = self.fwd
+        if fwd is not None and index in fwd.captured:
+            fwd.captured[index]["keys"] = output
+
+    def _score(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        fwd = self.fwd
+        if fwd is None or index not in fwd.captured:
+            return
+        captured = fwd.captured.pop(index)
+        cos, sin = captured["rotary"]
+        record = fwd.records_before[index]
+        chunk_ok = fwd.chunk_ok()
+        is_visual = fwd.at_slots(fwd.tokens.is_visual) & chunk_ok
+        order = fwd.slots.index + fwd.past
+        keys = self.adapter.keys(index, captured["keys"], cos, sin)
+        if captured["cache_keys"] is not None:
+            keys = torch.cat([captured["cache_keys"], keys], dim=2)
+        key_order = torch.cat([record.order, order], dim=1)
+        key_ok = torch.cat([record.real, fwd.slots.real], dim=1) & fwd.key_ok.gather(1, key_order)
+        for mode in dict.fromkeys(c.scoring_query() for c in self.scoring[index]):
+            columns, weights = query_rows(mode, chunk_ok, is_visual, order)
+            queries = self.adapter.queries(
+                index,
+                gather_rows(captured["normed"], columns),
+                gather_rows(cos, columns),
+                gather_rows(sin, columns),
+            )
+            allowed = (key_order[:, None, :] <= order.gather(1, columns)[:, :, None]) & key_ok[:, None, :]
+            received = attention_received(queries, keys, allowed, weights, self.adapter.scaling(index))
+            for compressor in self.scoring[index]:
+                if compressor.scoring_query() == mode:
+                    fwd.scores[id(compressor)] = received[:, len(record) :]
+            shape = self.shape
+            fwd.stats.scoring_flops += scoring_flops(
+                fwd.batch, columns.shape[1], keys.shape[2], shape.hidden, shape.heads, shape.head_dim
+            )
+
+    # -- sequence surgery -----------------------------------------------------------------------------------
+    def _compress(self, fwd: ForwardState, compressor: Compressor, index: int, hidden: Tensor) -> Tensor:
+        tokens, slots = fwd.tokens, fwd.slots
+        chunk_ok = fwd.chunk_ok()
+        image_index = fwd.at_slots(tokens.image_index)
+        is_visual = (image_index >= 0) & chunk_ok
+        scores = fwd.scores.pop(id(compressor), None)
+        if compressor.scoring_layer() is not None and scores is None:
+            raise RuntimeError(f"{type(compressor).__name__}: no scores were computed at its scoring layer")
+        view = VisualView(
+            layer=index,
+            hidden_states=hidden,
+            is_visual=is_visual,
+            image_index=image_index,
+            grid_row=fwd.at_slots(tokens.grid_row),
+            grid_col=fwd.at_slots(tokens.grid_col),
+            position=slots.index + fwd.past,
+            scores=scores,
+        )
+        keep = chunk_ok & (~is_visual | compressor.select(view))
+        fwd.full_hidden = hidden if fwd.full_hidden is None else self._restore(fwd.full_hidden, slots, hidden)
+        fwd.slots, columns = slots.select(keep)
+        fwd.memo.clear()
+        return gather_rows(hidden, columns)
+
+    @staticmethod
+    def _restore(full: Tensor, slots: Slots, hidden: Tensor) -> Tensor:
+        """Write the hidden states of real slots back at their input positions (others keep their last value)."""
+        rows = torch.arange(slots.index.shape[0], device=full.device)[:, None].expand_as(slots.index)
+        return full.index_put((rows[slots.real], slots.index[slots.real]), hidden[slots.real])
+
+    def _rotary(self, fwd: ForwardState, rotary: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        key = ("rotary", id(fwd.slots))
+        if key not in fwd.memo:
+            fwd.memo[key] = tuple(gather_rows(part, fwd.slots.index) for part in rotary)
+        return fwd.memo[key]
+
+    def _positions(self, fwd: ForwardState, position_ids: Tensor) -> Tensor:
+        """Gather position ids along the sequence (last) dim: (B|1, L) or (k, B|1, L) for multi-axis RoPE."""
+        index = fwd.slots.index
+        if position_ids.dim() == 2:
+            return position_ids.expand(fwd.batch, -1).gather(1, index)
+        return position_ids.expand(-1, fwd.batch, -1).gather(2, index.expand(position_ids.shape[0], -1, -1))
+
+    # -- cache and masks ------------------------------------------------------------------------------------
+    def _open_cache(self, fwd: ForwardState, cache: Any, dtype: torch.dtype) -> None:
+        fwd.cache = cache
+        if cache is not None:
+            book = self.books.get(cache)
+            if book is None:
+                book = CacheBook(records={}, logical_length=cache.get_seq_length())
+                self.books[cache] = book
+            fwd.book, fwd.past = book, book.logical_length
+            book.logical_length += fwd.length
+            self.last_book = book
+        fwd.stats.past = fwd.past
+        total = fwd.past + fwd.length
+        if fwd.padding_mask is None:
+            fwd.key_ok = torch.ones(fwd.batch, total, dtype=torch.bool, device=fwd.device)
+        elif fwd.padding_mask.shape[1] != total:
+            raise ValueError(
+                f"attention_mask covers {fwd.padding_mask.shape[1]} positions but the cache holds {fwd.past} and "
+                f"{fwd.length} are new; pass the mask of the whole conversation ({total} positions)"
+            )
+        else:
+            fwd.key_ok = fwd.padding_mask.bool()
+        self.kv_element_size = torch.empty((), dtype=dtype).element_size()
+
+    def _record(self, fwd: ForwardState, index: int) -> KeyRecord:
+        """What this layer's cache holds before this forward, checked against the cache itself."""
+        if fwd.book is None:
+            return KeyRecord.contiguous(fwd.batch, 0, fwd.device)
+        layers = fwd.cache.layers
+        held = layers[index].get_seq_length() if index < len(layers) else 0
+        record = fwd.book.records.get(index)
+        if record is None:
+            return KeyRecord.contiguous(fwd.batch, held, fwd.device)
+        if len(record) != held or record.order.shape[0] != fwd.batch:
+            raise RuntimeError(
+                f"the KV cache of layer {index} holds {held} entries for batch {fwd.batch} but tokencompress "
+                f"recorded {len(record)} for batch {record.order.shape[0]}: the cache was changed outside "
+                "tokencompress (cropped or re-batched), which compressed caches do not support"
+            )
+        return record
+
+    def _mask(self, fwd: ForwardState, record: KeyRecord) -> tuple[Tensor, KeyRecord]:
+        """The layer's 4-D mask and its extended record; shared by all layers with the same cache layout."""
+        key = ("plain", len(record)) if record.plain else id(record)
+        key = (key, id(fwd.slots))
+        if key not in fwd.memo:
+            extended = record.extend(fwd.slots, fwd.past)
+            key_ok = extended.real & fwd.key_ok.gather(1, extended.order)
+            allowed = allowed_keys(fwd.slots.index + fwd.past, extended.order, key_ok, len(record))
+            dtype = torch.float32 if fwd.implementation == "sdpa" else self._dtype()
+            fwd.memo[key] = (to_implementation(allowed, fwd.implementation, dtype), extended)
+        return fwd.memo[key]
+
+    def _dtype(self) -> torch.dtype:
+        return self.adapter.final_norm.weight.dtype
+
+    # -- accounting -----------------------------------------------------------------------------------------
+    def _count_layer(self, fwd: ForwardState, index: int, keys: int) -> None:
+        slots = fwd.slots
+        key = ("count", id(slots))
+        if key not in fwd.memo:  # layers between two compressions share one layout
+            ok = fwd.chunk_ok()
+            visual = fwd.at_slots(fwd.tokens.is_visual) & ok if fwd.has_visual else torch.zeros_like(ok)
+            fwd.memo[key] = (torch.where(ok, slots.index, -1), visual)
+        positions, visual = fwd.memo[key]
+        fwd.stats.layers.append(
+            LayerStats(
+                layer=index,
+                positions=positions,
+                visual_mask=visual,
+                slots=len(slots),
+                keys=keys,
+                flops=self.shape.layer_flops(fwd.batch, len(slots), keys),
+            )
+        )
+        fwd.stats.baseline_layer_flops += self.shape.layer_flops(fwd.batch, fwd.length, fwd.past + fwd.length)
+
+    def _finish(self, fwd: ForwardState) -> None:
+        self.last_stats = fwd.stats
+        if fwd.stats.kind == "prefill":
+            self.prefill_stats = fwd.stats
+
+    def stats(self) -> Stats:
+        book = self.last_book
+        entries = [len(book.records[i]) for i in sorted(book.records)] if book is not None else []
+        batch = next(iter(book.records.values())).order.shape[0] if book is not None and book.records else 0
+        shape, size = self.shape, self.kv_element_size
+        logical = book.logical_length if book is not None else 0
+        return Stats(
+            prefill=self.prefill_stats,
+            last=self.last_stats,
+            kv_cache_bytes=sum(shape.kv_bytes(batch, n, size) for n in entries),
+            kv_cache_bytes_uncompressed=shape.kv_bytes(batch, logical, size) * len(entries),
+            kv_cache_entries=entries,
+        )

@@ -1,0 +1,98 @@
+"""Tiny random LLaVA models and prompts built from configs: for the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN_ID = 3
+PAD_TOKEN_ID = 0
+
+
+def tiny_llava(
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 128,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LlavaForConditionalGeneration:
+    """A random LlavaForConditionalGeneration: (image_size / patch_size)^2 visual tokens per image."""
+    torch.manual_seed(seed)
+    text = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn_implementation
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    # Spread embeddings and logits so greedy decoding is not dominated by ties in a random model.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0 / hidden**0.5 * 4)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def tiny_llava_inputs(
+    model: LlavaForConditionalGeneration,
+    prompt_lengths: list[tuple[int, int]],
+    images_per_sample: list[int],
+    seed: int = 0,
+    padding_side: str = "left",
+) -> dict[str, torch.Tensor]:
+    """A padded batch: sample i has `images_per_sample[i]` images spliced between a prefix and a suffix of
+    random text tokens of lengths `prompt_lengths[i]`; images follow one another with one text token between."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    per_image = side * side
+    vocab = config.text_config.vocab_size
+    rows = []
+    for (prefix, suffix), images in zip(prompt_lengths, images_per_sample, strict=True):
+        parts = [torch.randint(4, vocab, (prefix,), generator=generator)]
+        for i in range(images):
+            if i:
+                parts.append(torch.randint(4, vocab, (1,), generator=generator))
+            parts.append(torch.full((per_image,), IMAGE_TOKEN_ID))
+        parts.append(torch.randint(4, vocab, (suffix,), generator=generator))
+        rows.append(torch.cat(parts))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        input_ids[i, span] = row
+        attention_mask[i, span] = 1
+    total_images = sum(images_per_sample)
+    size = config.vision_config.image_size
+    pixel_values = torch.randn(total_images, 3, size, size, generator=generator).to(model.dtype)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if total_images:
+        out["pixel_values"] = pixel_values
+    return out

@@ -1,0 +1,52 @@
+"""What a compressor sees: the visual tokens of each sample, never the architecture around them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """Where the visual tokens are in one forward's input (B, L), as the adapter found them.
+
+    image_index: (B, L) long, the image (or video frame) each token belongs to, -1 for text.
+    grid_row, grid_col: (B, L) long, the token's cell on its image's grid, -1 off the grid (text, CLS).
+    grid_shape: per sample, per image, (rows, cols) of that image's grid.
+    """
+
+    image_index: Tensor
+    grid_row: Tensor
+    grid_col: Tensor
+    grid_shape: list[list[tuple[int, int]]]
+
+    @property
+    def is_visual(self) -> Tensor:
+        return self.image_index >= 0
+
+    def counts(self) -> Tensor:
+        """(B,) number of visual tokens per sample."""
+        return self.is_visual.sum(1)
+
+
+@dataclass(frozen=True)
+class VisualView:
+    """The tokens entering decoder layer `layer`, one column per slot of the current (maybe shortened) sequence.
+
+    is_visual marks the visual tokens a compressor may act on (real, unpadded slots only); image_index,
+    grid_row, grid_col and position_ids follow VisualTokens; scores (B, n) holds the attention each slot received
+    at the compressor's scoring layer, when it asked for them.
+    """
+
+    layer: int
+    hidden_states: Tensor
+    is_visual: Tensor
+    image_index: Tensor
+    grid_row: Tensor
+    grid_col: Tensor
+    position: Tensor
+    scores: Tensor | None = None
+
+    def counts(self) -> Tensor:
+        return self.is_visual.sum(1)
