@@ -343,17 +343,25 @@ class Engine:
             )
         return record
 
-    def _mask(self, fwd: ForwardState, record: KeyRecord) -> tuple[Tensor, KeyRecord]:
+    def _mask(self, fwd: ForwardState, record: KeyRecord) -> tuple[Tensor | None, KeyRecord]:
         """The layer's 4-D mask and its extended record; shared by all layers with the same cache layout."""
         key = ("plain", len(record)) if record.plain else id(record)
         key = (key, id(fwd.slots))
         if key not in fwd.memo:
             extended = record.extend(fwd.slots, fwd.past)
             key_ok = extended.real & fwd.key_ok.gather(1, extended.order)
-            allowed = allowed_keys(fwd.slots.index + fwd.past, extended.order, key_ok, len(record))
-            dtype = torch.float32 if fwd.implementation == "sdpa" else self._dtype()
-            fwd.memo[key] = (to_implementation(allowed, fwd.implementation, dtype), extended)
+            fwd.memo[key] = (self._build_mask(fwd, extended, key_ok, len(record)), extended)
         return fwd.memo[key]
+
+    def _build_mask(self, fwd: ForwardState, extended: KeyRecord, key_ok: Tensor, cached: int) -> Tensor | None:
+        # Slots are in increasing logical order, so when every key is real and unpadded, order-causality is
+        # plain lower-triangular causality: sdpa's own causal path (mask None) is then exact and faster. Not
+        # with cached keys and several queries, where sdpa would align the triangle to the wrong corner.
+        queries = len(fwd.slots)
+        if fwd.implementation == "sdpa" and (cached == 0 or queries == 1) and bool(key_ok.all()):
+            return None
+        allowed = allowed_keys(fwd.slots.index + fwd.past, extended.order, key_ok, cached)
+        return to_implementation(allowed, fwd.implementation, self._dtype())
 
     def _dtype(self) -> torch.dtype:
         return self.adapter.final_norm.weight.dtype

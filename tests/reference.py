@@ -1,0 +1,165 @@
+"""An independent masking reference for token dropping, written without tokencompress.
+
+Dropping visual tokens before decoder layer K must equal running the *uncompressed* model on the full sequence and
+masking the dropped tokens' key columns out of attention from layer K on. `MaskingReference` does exactly that
+with its own forward pre-hooks on the decoder layers: each layer's `attention_mask` is replaced by a 4-D mask
+built here from scratch (causal by sequence index, padding keys masked, dropped keys masked from layer K on),
+for prefill, full forwards and cached decode steps (greedy, sampling, beam search) alike.
+
+`fastv_kept` recomputes FastV's choice with eager attention (`output_attentions=True`) on an uncompressed model,
+so the engine's kept set can be checked against an independent computation too.
+
+Nothing here imports tokencompress: it only relies on the transformers LLaVA/LLaMA module layout.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def generation_positions(attention_mask: Tensor) -> Tensor:
+    """The position ids HF `generate` uses: cumulative count of real tokens minus one, 0 at padding."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def expected_keep_count(num_visual: int, keep: float | int) -> int:
+    """ceil(N x keep) for a ratio (the keep value read as the decimal the user wrote), min(N, keep) for a count."""
+    if isinstance(keep, float):
+        return math.ceil(Fraction(str(keep)) * num_visual)
+    return min(num_visual, keep)
+
+
+def reference_mask(
+    pad: Tensor,
+    past: int,
+    num_queries: int,
+    dropped: Tensor | None,
+    implementation: str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The 4-D attention mask of one decoder layer of the uncompressed reference.
+
+    pad: (B, past + q) 2-D padding mask over every key (1 = real). Queries are the last q keys. dropped: (B, k')
+    bool over the first k' sequence indices (the prompt), or None before layer K. Every query row sees its own key
+    so no row is fully masked (those rows belong to padding or dropped tokens; their outputs are meaningless).
+    Returns bool (B, 1, q, k) for sdpa, additive float (finfo.min where masked) for eager.
+    """
+    batch, keys = pad.shape
+    if keys != past + num_queries:
+        raise AssertionError(f"padding mask covers {keys} keys but the layer has {past} cached + {num_queries} new")
+    key_index = torch.arange(keys, device=pad.device)
+    query_index = past + torch.arange(num_queries, device=pad.device)
+    allowed = (key_index[None, None, :] <= query_index[None, :, None]) & pad.bool()[:, None, :]
+    if dropped is not None:
+        covered = min(dropped.shape[1], keys)
+        visible = torch.ones(batch, keys, dtype=torch.bool, device=pad.device)
+        visible[:, :covered] = ~dropped[:, :covered].to(pad.device)
+        allowed = allowed & visible[:, None, :]
+    own = torch.arange(num_queries, device=pad.device)
+    allowed[:, own, past + own] = True
+    mask = allowed[:, None]
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"the reference supports eager and sdpa, not {implementation!r}")
+
+
+class MaskingReference:
+    """Context manager: while active, `model` (an uncompressed LlavaForConditionalGeneration) masks the key
+    columns marked in `dropped` (B, L_prompt) bool out of attention in decoder layers >= `layer`.
+
+    Works for any forward or `generate` call: the 2-D padding mask is read at the text model's entry (None means
+    no padding), the cached length per layer from the cache itself. A batch that is a multiple of `dropped`'s
+    (beam search, num_return_sequences) repeats each sample's row for its consecutive copies.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, dropped: Tensor) -> None:
+        self.model = model
+        self.layer = layer
+        self.dropped = dropped.bool()
+        self.handles: list[Any] = []
+        self.pad: Tensor | None = None
+        self.calls = 0
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def __enter__(self) -> MaskingReference:
+        self.handles.append(self.text_model.register_forward_pre_hook(self._on_text, with_kwargs=True))
+        for index, layer in enumerate(self.text_model.layers):
+            self.handles.append(
+                layer.register_forward_pre_hook(lambda m, a, k, i=index: self._on_layer(i, a, k), with_kwargs=True)
+            )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _on_text(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise AssertionError(f"the reference expects the 2-D padding mask at the text model, got {mask.dim()}-D")
+        self.pad = mask
+
+    def _dropped_for(self, batch: int) -> Tensor:
+        rows = self.dropped.shape[0]
+        if batch == rows:
+            return self.dropped
+        if batch % rows:
+            raise AssertionError(f"batch {batch} is not a multiple of the {rows} rows of the dropped mask")
+        return self.dropped.repeat_interleave(batch // rows, dim=0)
+
+    def _on_layer(self, index: int, args: tuple, kwargs: dict) -> tuple:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        batch, queries = hidden.shape[:2]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length(index) if cache is not None else 0
+        pad = self.pad
+        if pad is None:
+            pad = torch.ones(batch, past + queries, dtype=torch.long, device=hidden.device)
+        dropped = self._dropped_for(batch) if index >= self.layer else None
+        implementation = self.model.config.get_text_config()._attn_implementation
+        kwargs["attention_mask"] = reference_mask(pad, past, queries, dropped, implementation, hidden.dtype)
+        self.calls += 1
+        return (hidden, *args[1:]), kwargs
+
+
+def fastv_kept(
+    eager_model: nn.Module,
+    inputs: dict[str, Tensor],
+    layer: int,
+    keep: float | int,
+    image_token_id: int,
+) -> list[set[int]]:
+    """FastV's kept visual positions per sample, recomputed with eager attention on an uncompressed model.
+
+    Score of a visual token = attention it receives from the sample's last real token at layer `layer - 1`, mean
+    over heads; keep the top ceil(N x keep) (or the count) per sample. `inputs` must hold position_ids.
+    """
+    if eager_model.config.get_text_config()._attn_implementation != "eager":
+        raise AssertionError("fastv_kept needs a model running eager attention")
+    with torch.no_grad():
+        out = eager_model(**inputs, output_attentions=True)
+    # Decoder attentions only: the LLaVA output's attentions are those of the language model.
+    attention = out.attentions[layer - 1]  # (B, H, L, L)
+    pad = inputs["attention_mask"].bool()
+    visual = (inputs["input_ids"] == image_token_id) & pad
+    kept = []
+    for b in range(pad.shape[0]):
+        last = int(torch.nonzero(pad[b])[-1])
+        scores = attention[b, :, last].float().mean(0)
+        columns = torch.nonzero(visual[b]).flatten()
+        count = expected_keep_count(len(columns), keep)
+        top = torch.topk(scores[columns], count).indices if count else columns[:0]
+        kept.append({int(c) for c in columns[top]})
+    return kept
