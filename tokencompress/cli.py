@@ -15,7 +15,14 @@ def demo(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     model = tiny_llava(
-        hidden=128, layers=args.layers, heads=4, kv_heads=2, intermediate=352, vocab=512, image_size=96, patch_size=8
+        hidden=128,
+        layers=args.layers,
+        heads=4,
+        kv_heads=2,
+        intermediate=352,
+        vocab=512,
+        image_size=96,
+        patch_size=8,
     )
     inputs = tiny_llava_inputs(model, [(12, 20), (5, 30)], [1, 2])
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size

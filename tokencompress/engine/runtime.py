@@ -173,15 +173,12 @@ class Engine:
 
         record = self._record(fwd, index)
         fwd.records_before[index] = record
-        slots = fwd.slots
-        if not (slots.plain and record.plain):
-            mask, extended = self._mask(fwd, record)
+        mask, extended = self._mask(fwd, record)
+        if not extended.plain:  # the model's own mask and rotary are right only for the unmodified sequence
             kwargs["attention_mask"] = mask
             kwargs["position_embeddings"] = self._rotary(fwd, kwargs["position_embeddings"])
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = self._positions(fwd, kwargs["position_ids"])
-        else:
-            extended = record.extend(slots, fwd.past)
         if fwd.book is not None:
             fwd.book.records[index] = extended
         self._count_layer(fwd, index, len(extended))
@@ -344,16 +341,22 @@ class Engine:
         return record
 
     def _mask(self, fwd: ForwardState, record: KeyRecord) -> tuple[Tensor | None, KeyRecord]:
-        """The layer's 4-D mask and its extended record; shared by all layers with the same cache layout."""
+        """The layer's 4-D mask (None where the model's own is right) and its extended record, shared by all
+        layers with the same cache layout."""
         key = ("plain", len(record)) if record.plain else id(record)
         key = (key, id(fwd.slots))
         if key not in fwd.memo:
             extended = record.extend(fwd.slots, fwd.past)
-            key_ok = extended.real & fwd.key_ok.gather(1, extended.order)
-            fwd.memo[key] = (self._build_mask(fwd, extended, key_ok, len(record)), extended)
+            mask = None
+            if not extended.plain:
+                key_ok = extended.real & fwd.key_ok.gather(1, extended.order)
+                mask = self._build_mask(fwd, extended, key_ok, len(record))
+            fwd.memo[key] = (mask, extended)
         return fwd.memo[key]
 
-    def _build_mask(self, fwd: ForwardState, extended: KeyRecord, key_ok: Tensor, cached: int) -> Tensor | None:
+    def _build_mask(
+        self, fwd: ForwardState, extended: KeyRecord, key_ok: Tensor, cached: int
+    ) -> Tensor | None:
         # Slots are in increasing logical order, so when every key is real and unpadded, order-causality is
         # plain lower-triangular causality: sdpa's own causal path (mask None) is then exact and faster. Not
         # with cached keys and several queries, where sdpa would align the triangle to the wrong corner.
