@@ -1,0 +1,731 @@
+"""Efficiency benchmark: realized prefill / decode speedups and memory of FastV against analytic FLOPs.
+
+Compares, on a random LLaVA-shaped model built with `tokencompress.tiny.tiny_llava`:
+
+  bare            the model as loaded, no hooks
+  noop            FastV(layer=K, keep=1.0): every hook active, nothing dropped (the engine's own overhead)
+  fastv@K x.xx    FastV(layer=K, keep=x.xx) for each --keeps ratio
+
+Timing follows the project's notes on CPU timing: single-threaded by default,
+the settings' runs interleaved round robin on one model (compress / uncompress between runs, outside the timed
+region), the median reported. A prefill run is `model(**inputs, use_cache=True, logits_to_keep=1)` as in
+`generate`; each prefill is followed by --decode-steps single-token forwards continuing from its cache, each
+timed on its own.
+
+Run from the repository root:
+
+    python -m benchmarks.efficiency            # full size (minutes; keep the machine otherwise idle)
+    python -m benchmarks.efficiency --quick    # tiny sizes, a smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tokencompress as tc
+from tokencompress.tiny import tiny_llava, tiny_llava_inputs
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "efficiency.json"
+MiB = 2**20
+
+# Thresholds of the targets the script reports PASS / MISS for.
+TARGET_KEEP = 0.25
+TARGET_REALIZED_OVER_ANALYTIC = 0.95
+TARGET_NOOP_OVERHEAD = 0.02
+
+QUICK = {
+    "hidden": 128,
+    "layers": 4,
+    "heads": 4,
+    "kv_heads": 4,
+    "intermediate": 352,
+    "vocab": 1000,
+    "image_size": 112,
+    "patch_size": 14,
+    "vision_hidden": 32,
+    "text_tokens": 16,
+    "repeats": 3,
+    "warmup": 1,
+    "decode_steps": 4,
+}
+
+CPU_MEMORY_METHOD = (
+    "peak bytes held by torch's CPU allocator during one prefill, above the level at its start (weights and "
+    "inputs excluded; the KV cache and logits the prefill returns included), from torch.profiler allocation "
+    "events (profile_memory=True). Exact and repeatable, but blind to allocator caching, fragmentation and "
+    "memory that does not go through torch's allocator. Process RSS is not used by default: its high-water "
+    "mark is set by model construction, and glibc keeps freed pages; --rss adds a fresh-subprocess RSS "
+    "cross-check."
+)
+CUDA_MEMORY_METHOD = (
+    "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before the "
+    "prefill (weights and inputs excluded; the KV cache and logits the prefill returns included)."
+)
+RSS_METHOD = (
+    "peak RSS growth of one prefill in a fresh subprocess per setting: VmHWM after the prefill minus VmRSS "
+    "before it, with the high-water mark reset through /proc/self/clear_refs and glibc told to serve "
+    "allocations >= 128 KiB with mmap (MALLOC_MMAP_THRESHOLD_) so freed tensors leave the RSS; after one "
+    "warm-up prefill."
+)
+
+
+@dataclass
+class Setting:
+    name: str
+    keep: float | None  # None: bare model
+    layer: int = 2
+
+    def pipeline(self) -> list[tc.Compressor] | None:
+        if self.keep is None:
+            return None
+        return [tc.FastV(layer=self.layer, keep=self.keep)]
+
+
+@dataclass
+class Measurements:
+    prefill_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)
+    switch_s: list[float] = field(default_factory=list)
+
+
+# -- arguments ----------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.efficiency",
+        description="Realized vs analytic efficiency of FastV on a random LLaVA-shaped model.",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="weights / activations dtype (default: float32 on cpu, bfloat16 on cuda)",
+    )
+    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds (each runs every setting once)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    parser.add_argument("--decode-steps", type=int, default=8, help="decode steps timed after each prefill")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (cpu)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=16)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--image-size", type=int, default=336)
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--vision-hidden", type=int, default=64)
+    parser.add_argument(
+        "--text-tokens", type=int, default=60, help="text tokens around the image, per sample"
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--fastv-layer", type=int, default=2)
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rss",
+        action="store_true",
+        help="also measure peak RSS growth in a fresh subprocess per setting (cpu)",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and few repeats: a smoke run in seconds (explicit size flags still apply)",
+    )
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    if parser.parse_known_args(argv)[0].quick:  # --quick changes the defaults; explicit flags still win
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.repeats < 1 or args.decode_steps < 1:
+        parser.error("--repeats and --decode-steps must be at least 1")
+    if not 1 <= args.fastv_layer < args.layers:
+        parser.error(f"--fastv-layer must be in [1, {args.layers - 1}]")
+    return args
+
+
+def make_settings(args: argparse.Namespace) -> list[Setting]:
+    settings = [Setting("bare", None), Setting("noop", 1.0, args.fastv_layer)]
+    for keep in args.keeps:
+        settings.append(Setting(f"fastv@{args.fastv_layer} {keep:.2f}", keep, args.fastv_layer))
+    return settings
+
+
+# -- model, inputs, switching -------------------------------------------------------------------------------
+def build(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Tensor]]:
+    dtype = getattr(torch, args.dtype)
+    model = tiny_llava(
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        vocab=args.vocab,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        vision_hidden=args.vision_hidden,
+        attn_implementation=args.attn,
+        seed=args.seed,
+        dtype=dtype,
+    ).to(args.device)
+    # A LLaVA-1.5 prompt: "USER: <image>\n{question} ASSISTANT:" -- a short prefix, the rest after the image.
+    prefix = min(5, args.text_tokens // 4)
+    inputs = tiny_llava_inputs(
+        model, [(prefix, args.text_tokens - prefix)] * args.batch, [1] * args.batch, seed=args.seed
+    )
+    return model, {k: v.to(args.device) for k, v in inputs.items()}
+
+
+class Switcher:
+    """Puts one model into a setting with tc.compress / tc.uncompress (cheap, and never timed)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.current: Setting | None = None
+
+    def to(self, setting: Setting) -> None:
+        if self.current is not None and self.current.keep is not None:
+            tc.uncompress(self.model)
+        pipeline = setting.pipeline()
+        if pipeline is not None:
+            tc.compress(self.model, pipeline)
+        self.current = setting
+
+
+# -- timed pieces -------------------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def prefill(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def run_once(
+    model: Any, inputs: dict[str, torch.Tensor], steps: int, device: str
+) -> tuple[float, list[float]]:
+    """One timed prefill, then `steps` timed single-token forwards continuing from its cache."""
+    out, prefill_s = timed(lambda: prefill(model, inputs), device)
+    batch, length = inputs["input_ids"].shape
+    mask = torch.cat(
+        [inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, steps)], dim=1
+    )  # built once, sliced per step: nothing but the forward is timed
+    positions = torch.arange(length, length + steps, device=device).expand(batch, steps)
+    cache, decode_s = out.past_key_values, []
+    token = out.logits[:, -1:].argmax(-1)
+    for step in range(steps):
+
+        def forward(step: int = step, token: torch.Tensor = token) -> Any:
+            return model(
+                input_ids=token,
+                attention_mask=mask[:, : length + step + 1],
+                position_ids=positions[:, step : step + 1],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+
+        step_out, seconds = timed(forward, device)
+        decode_s.append(seconds)
+        token = step_out.logits[:, -1:].argmax(-1)
+    return prefill_s, decode_s
+
+
+def time_interleaved(
+    model: Any, inputs: dict[str, torch.Tensor], settings: list[Setting], args: argparse.Namespace
+) -> dict[str, Measurements]:
+    """Round robin over the settings; the starting setting rotates each round so none is always first."""
+    switcher = Switcher(model)
+    results = {s.name: Measurements() for s in settings}
+    total = args.warmup + args.repeats
+    for round_index in range(total):
+        shift = round_index % len(settings)
+        for setting in settings[shift:] + settings[:shift]:
+            start = time.perf_counter()
+            switcher.to(setting)
+            switch_s = time.perf_counter() - start
+            gc.collect()
+            prefill_s, decode_s = run_once(model, inputs, args.decode_steps, args.device)
+            if round_index >= args.warmup:
+                results[setting.name].prefill_s.append(prefill_s)
+                results[setting.name].decode_s.extend(decode_s)
+                results[setting.name].switch_s.append(switch_s)
+        done = round_index + 1
+        label = "warm-up" if done <= args.warmup else "timed"
+        print(f"  round {done}/{total} ({label})", file=sys.stderr, flush=True)
+    switcher.to(settings[0])
+    return results
+
+
+# -- memory ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_stderr_fd() -> Iterator[None]:
+    """The CPU profiler prints start/stop lines straight to fd 2; keep them out of the report."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_prefill_bytes(model: Any, inputs: dict[str, torch.Tensor], device: str) -> tuple[int, int]:
+    """(peak, retained) bytes allocated by one prefill above the level at its start."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = prefill(model, inputs)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        retained = torch.cuda.memory_allocated() - before
+        del out
+        return peak, retained
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = prefill(model, inputs)
+    del out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    level = peak = 0
+    for event in events:
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            level += event.nbytes()
+            peak = max(peak, level)
+    return peak, level
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    """--rss-child NAME: build the model, run one prefill of setting NAME, print its peak RSS growth as JSON."""
+
+    def status_kib(field_name: str) -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+    torch.set_num_threads(args.threads)
+    model, inputs = build(args)
+    setting = next(s for s in make_settings(args) if s.name == args.rss_child)
+    Switcher(model).to(setting)
+    with torch.inference_mode():
+        prefill(model, inputs)  # warm-up: one-time lazy initialisation stays out of the measurement
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM to the current RSS
+    before = status_kib("VmRSS")
+    with torch.inference_mode():
+        out = prefill(model, inputs)
+    peak = status_kib("VmHWM")
+    del out
+    print(json.dumps({"rss_peak_growth_bytes": (peak - before) * 1024}))
+
+
+def rss_in_subprocess(args: argparse.Namespace, argv: Sequence[str], name: str) -> int | None:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    command = [sys.executable, "-m", "benchmarks.efficiency", *argv, "--rss-child", name]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
+    if done.returncode != 0:
+        print(f"  --rss {name}: subprocess failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["rss_peak_growth_bytes"]
+
+
+def cache_bytes(cache: Any) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+# -- probe: analytic FLOPs, KV bytes, memory, sanity --------------------------------------------------------
+def probe(
+    model: Any, inputs: dict[str, torch.Tensor], settings: list[Setting], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    switcher = Switcher(model)
+    info: dict[str, dict[str, Any]] = {}
+    reference = None
+    for setting in settings:
+        switcher.to(setting)
+        out = prefill(model, inputs)
+        logits = out.logits[:, -1].float()
+        if reference is None:
+            reference = logits
+        row: dict[str, Any] = {
+            "kv_bytes": cache_bytes(out.past_key_values),
+            "max_abs_logit_diff_vs_bare": (logits - reference).abs().max().item(),
+            "same_next_token_as_bare": bool(torch.equal(logits.argmax(-1), reference.argmax(-1))),
+        }
+        if setting.keep is not None:
+            stats = tc.stats(model)
+            row.update(
+                prefill_flops=stats.prefill.flops,
+                prefill_baseline_flops=stats.prefill.baseline_flops,
+                scoring_flops=stats.prefill.scoring_flops,
+                kv_bytes_stats=stats.kv_cache_bytes,
+                kv_bytes_uncompressed_stats=stats.kv_cache_bytes_uncompressed,
+                kv_cache_entries=stats.kv_cache_entries,
+                kept_tokens_per_layer=[t[0] for t in stats.prefill.kept_tokens()],
+            )
+            run_once(model, inputs, 1, args.device)
+            last = tc.stats(model).last
+            row.update(decode_flops=last.flops, decode_baseline_flops=last.baseline_flops)
+        del out
+        peak, retained = peak_prefill_bytes(model, inputs, args.device)
+        row.update(peak_bytes=peak, retained_bytes=retained)
+        info[setting.name] = row
+    # The bare model has no stats of its own: its analytic cost is what every compressed run calls baseline.
+    compressed = [info[s.name] for s in settings if s.keep is not None]
+    bare = info[settings[0].name]
+    bare["prefill_flops"] = bare["prefill_baseline_flops"] = compressed[0]["prefill_baseline_flops"]
+    bare["decode_flops"] = bare["decode_baseline_flops"] = compressed[0]["decode_baseline_flops"]
+    bare["scoring_flops"] = 0
+    switcher.to(settings[0])
+    return info
+
+
+def vision_seconds(model: Any, inputs: dict[str, torch.Tensor], args: argparse.Namespace) -> float:
+    """Median time of the vision tower + projector alone: a fixed cost that compression cannot touch and that
+    the analytic FLOPs (decoder + LM head) leave out."""
+    config = model.config
+    times = []
+    for index in range(args.warmup + args.repeats):
+        _, seconds = timed(
+            lambda: model.model.get_image_features(
+                pixel_values=inputs["pixel_values"],
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            ),
+            args.device,
+        )
+        if index >= args.warmup:
+            times.append(seconds)
+    return statistics.median(times)
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def spread(values: list[float]) -> float:
+    """Interquartile range over the median."""
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return (q[2] - q[0]) / statistics.median(values)
+
+
+def summarize(
+    settings: list[Setting], timings: dict[str, Measurements], info: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    bare = settings[0].name
+    bare_prefill = statistics.median(timings[bare].prefill_s)
+    bare_decode = statistics.median(timings[bare].decode_s)
+    bare_peak = info[bare]["peak_bytes"]
+    rows = []
+    for setting in settings:
+        t, i = timings[setting.name], info[setting.name]
+        prefill_s = statistics.median(t.prefill_s)
+        decode_s = statistics.median(t.decode_s)
+        realized = bare_prefill / prefill_s
+        analytic = i["prefill_baseline_flops"] / i["prefill_flops"]
+        row = {
+            "setting": setting.name,
+            "keep": setting.keep,
+            "fastv_layer": setting.layer if setting.keep is not None else None,
+            "prefill_ms": prefill_s * 1e3,
+            "prefill_spread_iqr_over_median": spread(t.prefill_s),
+            "prefill_speedup": realized,
+            "analytic_flops_speedup": analytic,
+            "realized_over_analytic": realized / analytic,
+            "decode_ms_per_step": decode_s * 1e3,
+            "decode_spread_iqr_over_median": spread(t.decode_s),
+            "decode_speedup": bare_decode / decode_s,
+            "decode_analytic_flops_speedup": i["decode_baseline_flops"] / i["decode_flops"],
+            "peak_mib": i["peak_bytes"] / MiB,
+            "peak_ratio_vs_bare": i["peak_bytes"] / bare_peak if bare_peak else float("nan"),
+            "kv_mib": i["kv_bytes"] / MiB,
+            "switch_ms_mean_untimed": statistics.fmean(t.switch_s) * 1e3,
+            "prefill_ms_all": [s * 1e3 for s in t.prefill_s],
+            "decode_ms_all": [s * 1e3 for s in t.decode_s],
+            **i,
+        }
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], rss: bool) -> str:
+    header = [
+        "setting",
+        "prefill ms",
+        "iqr",
+        "speedup",
+        "FLOPs x",
+        "real/anl",
+        "decode ms",
+        "iqr",
+        "dec x",
+        "peak MiB",
+        "mem x",
+        "KV MiB",
+    ]
+    if rss:
+        header.append("RSS MiB")
+    lines = []
+    for r in rows:
+        cells = [
+            r["setting"],
+            f"{r['prefill_ms']:.1f}",
+            f"{r['prefill_spread_iqr_over_median']:.0%}",
+            f"{r['prefill_speedup']:.3f}",
+            f"{r['analytic_flops_speedup']:.3f}",
+            f"{r['realized_over_analytic']:.3f}",
+            f"{r['decode_ms_per_step']:.2f}",
+            f"{r['decode_spread_iqr_over_median']:.0%}",
+            f"{r['decode_speedup']:.3f}",
+            f"{r['peak_mib']:.2f}",
+            f"{r['peak_ratio_vs_bare']:.3f}",
+            f"{r['kv_mib']:.2f}",
+        ]
+        if rss:
+            value = r.get("rss_peak_growth_bytes")
+            cells.append("n/a" if value is None else f"{value / MiB:.1f}")
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*c) for c in lines]
+    return "\n".join(out)
+
+
+def evaluate_targets(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    by_keep = {r["keep"]: r for r in rows}
+    bare, noop = rows[0], rows[1]
+    targets = []
+
+    at = by_keep.get(TARGET_KEEP)
+    if at is None:
+        targets.append(
+            {
+                "name": f"realized >= {TARGET_REALIZED_OVER_ANALYTIC} x analytic at keep {TARGET_KEEP}",
+                "status": "SKIP",
+                "detail": f"keep {TARGET_KEEP} not among --keeps",
+            }
+        )
+    else:
+        ratio = at["realized_over_analytic"]
+        targets.append(
+            {
+                "name": f"realized >= {TARGET_REALIZED_OVER_ANALYTIC} x analytic at keep {TARGET_KEEP}",
+                "status": "PASS" if ratio >= TARGET_REALIZED_OVER_ANALYTIC else "MISS",
+                "value": ratio,
+                "detail": f"{at['prefill_speedup']:.3f}x realized / {at['analytic_flops_speedup']:.3f}x analytic "
+                f"= {ratio:.3f}",
+            }
+        )
+
+    overhead = noop["prefill_ms"] / bare["prefill_ms"] - 1
+    targets.append(
+        {
+            "name": f"no-op overhead <= {TARGET_NOOP_OVERHEAD:.0%}",
+            "status": "PASS" if overhead <= TARGET_NOOP_OVERHEAD else "MISS",
+            "value": overhead,
+            "detail": f"noop prefill median / bare median - 1 = {overhead:+.2%}",
+        }
+    )
+
+    dropping = [r for r in rows if r["keep"] is not None and r["keep"] < 1]
+    worst = max(dropping, key=lambda r: r["peak_bytes"]) if dropping else None
+    name = "peak memory with FastV (keep < 1) <= bare under sdpa"
+    if worst is None:
+        targets.append({"name": name, "status": "SKIP", "detail": "no FastV setting with keep < 1"})
+    else:
+        ok = worst["peak_bytes"] <= bare["peak_bytes"]
+        status = ("PASS" if ok else "MISS") if args.attn == "sdpa" else "INFO"
+        detail = (
+            f"worst {worst['setting']}: {worst['peak_mib']:.2f} MiB vs bare {bare['peak_mib']:.2f} MiB "
+            f"(x{worst['peak_ratio_vs_bare']:.3f})"
+        )
+        if args.attn != "sdpa":
+            detail += f"; the target is defined for sdpa, this run used {args.attn}"
+        targets.append(
+            {"name": name, "status": status, "value": worst["peak_ratio_vs_bare"], "detail": detail}
+        )
+    return targets
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokencompress": tc.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.rss_child is not None:
+        rss_child(args)
+        return {}
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    settings = make_settings(args)
+    load_before = os.getloadavg()
+
+    print("building model ...", file=sys.stderr, flush=True)
+    model, inputs = build(args)
+    batch, length = inputs["input_ids"].shape
+    image_tokens = (args.image_size // args.patch_size) ** 2
+    params = sum(p.numel() for p in model.parameters())
+
+    with torch.inference_mode():
+        print("probing FLOPs, KV cache and memory ...", file=sys.stderr, flush=True)
+        info = probe(model, inputs, settings, args)
+        print("timing (interleaved) ...", file=sys.stderr, flush=True)
+        timings = time_interleaved(model, inputs, settings, args)
+        vision_s = vision_seconds(model, inputs, args)
+    if args.rss:
+        if args.device != "cpu":
+            print("--rss applies to --device cpu only; skipped", file=sys.stderr)
+        else:
+            child_argv = [a for a in argv if a != "--rss"]
+            for setting in settings:
+                print(f"  --rss {setting.name} ...", file=sys.stderr, flush=True)
+                info[setting.name]["rss_peak_growth_bytes"] = rss_in_subprocess(
+                    args, child_argv, setting.name
+                )
+    load_after = os.getloadavg()
+
+    rows = summarize(settings, timings, info)
+    targets = evaluate_targets(rows, args)
+    bare = rows[0]
+    vision_share = vision_s * 1e3 / bare["prefill_ms"]
+
+    print()
+    print(
+        f"tokencompress efficiency -- random LLaVA: hidden {args.hidden}, {args.layers} layers, heads "
+        f"{args.heads}/{args.kv_heads} kv, intermediate {args.intermediate}, vocab {args.vocab}, "
+        f"{params / 1e6:.1f}M params, {args.dtype}, attn {args.attn}"
+    )
+    print(
+        f"input: batch {batch} x {length} tokens ({image_tokens} image tokens from {args.image_size}px / patch "
+        f"{args.patch_size}, {args.text_tokens} text); FastV layer {args.fastv_layer}"
+    )
+    threads = f"{torch.get_num_threads()} thread(s)" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(
+        f"timing: {args.device}, {threads}, {args.repeats} interleaved rounds after {args.warmup} warm-up, "
+        f"median; prefill = model(**inputs, use_cache=True, logits_to_keep=1); decode = median of "
+        f"{args.decode_steps} single-token steps per round from that prefill's cache"
+    )
+    print(
+        f"load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+        f"(cpu count {os.cpu_count()})"
+    )
+    # Our own run adds about `threads` to the load average; anything beyond the cores left over competes.
+    spare = (os.cpu_count() or 1) - args.threads
+    if args.device == "cpu" and max(load_before[0], load_after[0] - args.threads) > spare:
+        print("WARNING: other processes were using the CPU; timings are likely noisy")
+    if args.quick:
+        print("NOTE: --quick sizes are far too small for the targets to be meaningful (smoke run only)")
+    print()
+    print(format_table(rows, args.rss))
+    print()
+    print(
+        "speedup: bare median / setting median; FLOPs x: tc.stats prefill baseline_flops / flops (decoder + LM "
+        "head + FastV scoring, matmuls only); real/anl: speedup / FLOPs x; dec x: bare decode median / "
+        "setting's; iqr: interquartile range / median; KV MiB: bytes of the returned cache tensors."
+    )
+    memory_method = CUDA_MEMORY_METHOD if args.device == "cuda" else CPU_MEMORY_METHOD
+    print(f"peak MiB: {memory_method}")
+    if args.rss:
+        print(f"RSS MiB: {RSS_METHOD}")
+    print(
+        f"vision tower + projector alone: {vision_s * 1e3:.1f} ms = {vision_share:.1%} of the bare prefill; "
+        "it is not in the analytic FLOPs and compression does not shrink it."
+    )
+    for r in rows[1:]:
+        predicted = 1 / (vision_share + (1 - vision_share) / r["analytic_flops_speedup"])
+        r["analytic_speedup_with_vision_time"] = predicted
+    print(
+        "analytic speedup counting that fixed time: "
+        + ", ".join(f"{r['setting']} {r['analytic_speedup_with_vision_time']:.3f}x" for r in rows[1:])
+    )
+    noop = rows[1]
+    print(
+        f"no-op overhead: {noop['prefill_ms'] / bare['prefill_ms'] - 1:+.2%} prefill, "
+        f"{noop['decode_ms_per_step'] / bare['decode_ms_per_step'] - 1:+.2%} per decode step; "
+        f"noop vs bare max |logit diff| {noop['max_abs_logit_diff_vs_bare']:.2e}"
+    )
+    print(
+        "compress + uncompress between runs (untimed): "
+        f"{statistics.fmean(r['switch_ms_mean_untimed'] for r in rows):.2f} ms mean"
+    )
+    print()
+    for target in targets:
+        print(f"{target['status']:<4}  {target['name']}: {target['detail']}")
+
+    result = {
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "rss_child"
+        },
+        "input": {"batch": batch, "length": length, "image_tokens": image_tokens, "params": params},
+        "environment": environment(args),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "memory_method": memory_method,
+        "rss_method": RSS_METHOD if args.rss else None,
+        "vision_ms": vision_s * 1e3,
+        "vision_share_of_bare_prefill": vision_share,
+        "settings": rows,
+        "targets": targets,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
