@@ -37,6 +37,16 @@ class LlavaAdapter(Adapter):
         vision = self.model.config.vision_config
         return vision.image_size // vision.patch_size
 
+    @staticmethod
+    def images_given(inputs: dict[str, Any]) -> int | None:
+        """How many images this call splices: raw pixels, or features `generate` encoded beforehand."""
+        if inputs.get("pixel_values") is not None:
+            return inputs["pixel_values"].shape[0]
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            return len(encoded.pooler_output)
+        return None
+
     def visual_tokens(self, inputs: dict[str, Any]) -> VisualTokens | None:
         config = self.model.config
         input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
@@ -45,13 +55,14 @@ class LlavaAdapter(Adapter):
         else:
             image_embedding = self.model.get_input_embeddings().weight[config.image_token_id]
             placeholder = (embeds == image_embedding.to(embeds.dtype)).all(-1)
+        images_given = self.images_given(inputs)
+        if images_given is None:
+            return None  # without images LLaVA embeds placeholder ids as text (e.g. a decode step emitting one)
         if not bool(placeholder.any()):
-            if inputs.get("pixel_values") is not None:
-                raise ValueError(
-                    f"{inputs['pixel_values'].shape[0]} image(s) were given but the prompt has no image "
-                    f"placeholder (token id {config.image_token_id})"
-                )
-            return None
+            raise ValueError(
+                f"{images_given} image(s) were given but the prompt has no image placeholder "
+                f"(token id {config.image_token_id})"
+            )
 
         strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         side = self.grid_side()
@@ -64,11 +75,10 @@ class LlavaAdapter(Adapter):
                 f"image takes ({side}x{side} grid, vision_feature_select_strategy={strategy!r})"
             )
         images = counts // per_image
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is not None and int(images.sum()) != pixel_values.shape[0]:
+        if int(images.sum()) != images_given:
             raise ValueError(
                 f"the prompt has placeholders for {int(images.sum())} image(s) ({images.tolist()} per sample) but "
-                f"{pixel_values.shape[0]} image(s) were given"
+                f"{images_given} image(s) were given"
             )
 
         rank = placeholder.long().cumsum(1) - 1

@@ -25,7 +25,15 @@ def compress(model: nn.Module, compressors: Compressor | Sequence[Compressor]) -
     """
     from tokencompress.adapters import find_adapter
 
-    pipeline = [compressors] if isinstance(compressors, Compressor) else list(compressors)
+    if isinstance(compressors, Compressor):
+        pipeline = [compressors]
+    elif isinstance(compressors, (list, tuple)):
+        pipeline = list(compressors)
+    else:
+        raise TypeError(
+            f"expected tokencompress compressors (an instance or a list of them), got {compressors!r} "
+            "(e.g. tc.FastV(layer=2, keep=0.5), not the class tc.FastV)"
+        )
     if not pipeline:
         raise ValueError("compress needs at least one compressor")
     for item in pipeline:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -11,8 +9,9 @@ from torch import Tensor
 def keep_counts(num_visual: Tensor, keep: float | int) -> Tensor:
     """Per-sample number of visual tokens to keep: ceil(N x keep) for a ratio, the count itself otherwise."""
     if isinstance(keep, float):
-        # The epsilon absorbs float error (0.3 x 10 = 3.0000000000000004 must keep 3, not 4).
-        return torch.ceil(num_visual.double() * keep - 1e-9).clamp(min=0).long()
+        # A relative margin absorbs float error (0.3 x 10 = 3.0000000000000004 must keep 3, not 4) and still
+        # keeps one token for any positive ratio.
+        return torch.ceil(num_visual.double() * keep * (1 - 1e-12)).long()
     return torch.minimum(num_visual, torch.full_like(num_visual, keep))
 
 
@@ -21,8 +20,10 @@ def top_k_mask(scores: Tensor, candidates: Tensor, counts: Tensor) -> Tensor:
 
     scores: (B, n) float; candidates: (B, n) bool; counts: (B,) long. Returns a (B, n) bool mask.
     """
-    masked = scores.float().masked_fill(~candidates, -math.inf)
-    order = torch.argsort(masked, dim=1, descending=True, stable=True)
+    # Candidates first, then by descending score; stable sorts send ties (and -inf scores) to earlier columns.
+    by_score = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
+    by_candidate = torch.argsort((~candidates).gather(1, by_score).int(), dim=1, stable=True)
+    order = by_score.gather(1, by_candidate)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
     return candidates & (rank < counts[:, None])

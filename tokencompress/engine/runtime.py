@@ -8,9 +8,9 @@ norm so logits, labels and `generate` line up with the input as given.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -90,26 +90,54 @@ class Engine:
             self._hook_pre(adapter.multimodal_model, self._on_multimodal)
             self._hook_pre(adapter.language_model, self._on_text)
             for index, layer in enumerate(adapter.layers):
-                self._hook_pre(layer, partial(self._on_layer, index))
+                self._hook_pre(layer, functools.partial(self._on_layer, index))
             for index in self.scoring:
                 attention = adapter.attention(index)
-                self._hook_pre(attention, partial(self._capture_attention_input, index))
+                self._hook_pre(attention, functools.partial(self._capture_attention_input, index))
                 self.handles.append(
-                    adapter.key_projection(index).register_forward_hook(partial(self._capture_keys, index))
+                    adapter.key_projection(index).register_forward_hook(functools.partial(self._capture_keys, index))
                 )
                 self.handles.append(
-                    attention.register_forward_hook(partial(self._score, index), with_kwargs=True)
+                    attention.register_forward_hook(functools.partial(self._score, index), with_kwargs=True)
                 )
             self.handles.append(adapter.final_norm.register_forward_pre_hook(self._on_final_norm))
             self.handles.append(adapter.lm_head.register_forward_hook(self._on_lm_head))
         except Exception:
             self.detach()
             raise
+        self._wrap_generate()
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.model.__dict__.pop("generate", None)
+
+    def _wrap_generate(self) -> None:
+        """transformers 5.x `generate` encodes images before the first forward; check the inputs before that.
+
+        An instance attribute shadowing the class method, removed by `detach`; the class is untouched.
+        """
+        original = self.model.generate
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            inputs = dict(kwargs)
+            if args:
+                inputs.setdefault("input_ids", args[0])
+            inputs.setdefault("input_ids", inputs.get("inputs"))
+            self._check_inputs(inputs)
+            return original(*args, **kwargs)
+
+        self.model.__dict__["generate"] = generate
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> VisualTokens | None:
+        tokens = self.adapter.visual_tokens(inputs)
+        if tokens is not None:
+            counts = tokens.counts()
+            for compressor in self.compressors:
+                compressor.check_inputs(counts)
+        return tokens
 
     def _hook_pre(self, module: nn.Module, fn: Any) -> None:
         self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
@@ -118,12 +146,7 @@ class Engine:
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
-        tokens = self.adapter.visual_tokens(inputs)
-        if tokens is not None:
-            counts = tokens.counts()
-            for compressor in self.compressors:
-                compressor.check_inputs(counts)
-        self.pending_tokens = tokens
+        self.pending_tokens = self._check_inputs(inputs)
 
     def _on_text(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         implementation = self.adapter.attention_implementation()

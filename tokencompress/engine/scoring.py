@@ -32,6 +32,7 @@ def query_rows(mode: str, key_ok: Tensor, is_visual: Tensor, order: Tensor) -> t
     width = int(text.sum(1).max())
     columns = torch.argsort(torch.where(text, arange, arange + n), dim=1)[:, :width]
     weights = text.gather(1, columns).float()
+    columns = torch.where(weights > 0, columns, last)  # pad short rows with a real query of weight 0
     return columns, weights / weights.sum(1, keepdim=True)
 
 
@@ -52,7 +53,8 @@ def attention_received(
     logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
     logits = logits.masked_fill(~allowed[:, None], -math.inf)
     probs = torch.softmax(logits, dim=-1).mean(1)
-    return (probs * weights[..., None]).sum(1)
+    # A zero-weight row contributes nothing, even if it is fully masked (NaN after softmax).
+    return torch.where(weights[..., None] > 0, probs * weights[..., None], 0.0).sum(1)
 
 
 def scoring_flops(batch: int, num_queries: int, num_keys: int, hidden: int, heads: int, head_dim: int) -> int:
