@@ -57,7 +57,9 @@ class LlavaAdapter(Adapter):
             placeholder = (embeds == image_embedding.to(embeds.dtype)).all(-1)
         images_given = self.images_given(inputs)
         if images_given is None:
-            return None  # without images LLaVA embeds placeholder ids as text (e.g. a decode step emitting one)
+            return (
+                None  # without images LLaVA embeds placeholder ids as text (e.g. a decode step emitting one)
+            )
         if not bool(placeholder.any()):
             raise ValueError(
                 f"{images_given} image(s) were given but the prompt has no image placeholder "

@@ -52,7 +52,9 @@ def reference_mask(
     """
     batch, keys = pad.shape
     if keys != past + num_queries:
-        raise AssertionError(f"padding mask covers {keys} keys but the layer has {past} cached + {num_queries} new")
+        raise AssertionError(
+            f"padding mask covers {keys} keys but the layer has {past} cached + {num_queries} new"
+        )
     key_index = torch.arange(keys, device=pad.device)
     query_index = past + torch.arange(num_queries, device=pad.device)
     allowed = (key_index[None, None, :] <= query_index[None, :, None]) & pad.bool()[:, None, :]
@@ -67,7 +69,9 @@ def reference_mask(
     if implementation == "sdpa":
         return mask
     if implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
     raise ValueError(f"the reference supports eager and sdpa, not {implementation!r}")
 
 
@@ -96,7 +100,9 @@ class MaskingReference:
         self.handles.append(self.text_model.register_forward_pre_hook(self._on_text, with_kwargs=True))
         for index, layer in enumerate(self.text_model.layers):
             self.handles.append(
-                layer.register_forward_pre_hook(lambda m, a, k, i=index: self._on_layer(i, a, k), with_kwargs=True)
+                layer.register_forward_pre_hook(
+                    lambda m, a, k, i=index: self._on_layer(i, a, k), with_kwargs=True
+                )
             )
         return self
 
@@ -108,7 +114,9 @@ class MaskingReference:
     def _on_text(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
-            raise AssertionError(f"the reference expects the 2-D padding mask at the text model, got {mask.dim()}-D")
+            raise AssertionError(
+                f"the reference expects the 2-D padding mask at the text model, got {mask.dim()}-D"
+            )
         self.pad = mask
 
     def _dropped_for(self, batch: int) -> Tensor:

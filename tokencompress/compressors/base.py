@@ -125,6 +125,8 @@ class TokenDropper(Compressor):
         return top_k_mask(self.score(view), view.is_visual, counts)
 
 
-def seeded_uniform(shape: torch.Size, seed: int, device: torch.device) -> Tensor:
+def seeded_uniform(length: int, seed: int, device: torch.device, block: int = 4096) -> Tensor:
+    """`length` uniform draws from `seed`, drawn in fixed blocks so a prefix never depends on `length`."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(shape, generator=generator).to(device)
+    blocks = [torch.rand(block, generator=generator) for _ in range(-(-length // block))]
+    return torch.cat(blocks)[:length].to(device)

@@ -29,4 +29,8 @@ class RandomDrop(TokenDropper):
             raise TypeError(f"RandomDrop: seed must be an int, got {self.seed!r}")
 
     def score(self, view: VisualView) -> Tensor:
-        return seeded_uniform(view.is_visual.shape, self.seed, view.is_visual.device)
+        # Indexed by each token's rank among its sample's visual tokens, so a prompt gets the same kept set at
+        # any batch row and padding (the beams of one sample must agree).
+        rank = (view.is_visual.long().cumsum(1) - 1).clamp(min=0)
+        uniform = seeded_uniform(int(rank.max()) + 1, self.seed, rank.device)
+        return uniform[rank]

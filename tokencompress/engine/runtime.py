@@ -95,7 +95,9 @@ class Engine:
                 attention = adapter.attention(index)
                 self._hook_pre(attention, functools.partial(self._capture_attention_input, index))
                 self.handles.append(
-                    adapter.key_projection(index).register_forward_hook(functools.partial(self._capture_keys, index))
+                    adapter.key_projection(index).register_forward_hook(
+                        functools.partial(self._capture_keys, index)
+                    )
                 )
                 self.handles.append(
                     attention.register_forward_hook(functools.partial(self._score, index), with_kwargs=True)
