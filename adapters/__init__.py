@@ -6,8 +6,9 @@ from torch import nn
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, QwenVLAdapter]
 
 
 def find_adapter(model: nn.Module) -> Adapter:
@@ -22,4 +23,4 @@ def find_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "LlavaAdapter", "find_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "LlavaAdapter", "QwenVLAdapter", "find_adapter"]

@@ -78,6 +78,19 @@ class Adapter:
         """
         raise NotImplementedError
 
+    def complete_visual_tokens(self, tokens: VisualTokens, text_inputs: dict[str, Any]) -> VisualTokens:
+        """Finish `tokens` from the text model's call arguments (e.g. grids from M-RoPE ids); default: as is."""
+        return tokens
+
+    def take_layer_additions(self, text_inputs: dict[str, Any]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Features the model adds to a decoder layer's output at visual positions, {layer: (mask (B, L),
+        values (n, hidden))}, removed from `text_inputs` so the engine adds them at the kept tokens instead."""
+        return {}
+
+    def addition_layers(self) -> list[int]:
+        """Decoder layers that may receive such additions."""
+        return []
+
     # -- attention pieces for scoring -------------------------------------------------------------------
     def attention(self, layer: int) -> nn.Module:
         return self.layers[layer].self_attn

@@ -47,6 +47,7 @@ class ForwardState:
     records_before: dict[int, KeyRecord] = field(default_factory=dict)
     memo: dict[Any, Any] = field(default_factory=dict)
     captured: dict[int, dict[str, Any]] = field(default_factory=dict)
+    additions: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     scores: dict[int, Tensor] = field(default_factory=dict)
 
     @property
@@ -91,6 +92,10 @@ class Engine:
             self._hook_pre(adapter.language_model, self._on_text)
             for index, layer in enumerate(adapter.layers):
                 self._hook_pre(layer, functools.partial(self._on_layer, index))
+            for index in adapter.addition_layers():
+                self.handles.append(
+                    adapter.layers[index].register_forward_hook(functools.partial(self._add_features, index))
+                )
             for index in self.scoring:
                 attention = adapter.attention(index)
                 self._hook_pre(attention, functools.partial(self._capture_attention_input, index))
@@ -150,7 +155,7 @@ class Engine:
             inputs.setdefault("input_ids", args[0])
         self.pending_tokens = self._check_inputs(inputs)
 
-    def _on_text(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_text(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         implementation = self.adapter.attention_implementation()
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
@@ -166,13 +171,17 @@ class Engine:
         batch, length = embeds.shape[:2] if embeds is not None else ids.shape[:2]
         device = (embeds if embeds is not None else ids).device
         padding_mask = kwargs.get("attention_mask")
-        if padding_mask is not None and padding_mask.dim() != 2:
+        if padding_mask is not None and not (isinstance(padding_mask, Tensor) and padding_mask.dim() == 2):
             raise ValueError(
-                f"tokencompress needs the 2-D padding attention_mask (batch, length); got {padding_mask.dim()}-D"
+                "tokencompress needs the 2-D padding attention_mask (batch, length), not prepared 4-D masks "
+                "(which transformers builds for static, compilable caches; use the default dynamic cache)"
             )
         tokens, self.pending_tokens = self.pending_tokens, None
         if tokens is not None and tuple(tokens.image_index.shape) != (batch, length):
             tokens = None
+        if tokens is not None:
+            tokens = self.adapter.complete_visual_tokens(tokens, kwargs)
+        additions = self.adapter.take_layer_additions(kwargs)
         kind = "prefill" if tokens is not None or length > 1 else "decode"
         self.fwd = ForwardState(
             tokens=tokens,
@@ -183,7 +192,9 @@ class Engine:
             slots=Slots.full(batch, length, device),
             stats=ForwardStats(kind=kind, batch=batch, length=length, past=0),
             implementation=implementation,
+            additions=additions,
         )
+        return args, kwargs
 
     def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         fwd = self.fwd
@@ -208,6 +219,19 @@ class Engine:
             fwd.book.records[index] = extended
         self._count_layer(fwd, index, len(extended))
         return (hidden, *args[1:]), kwargs
+
+    def _add_features(self, index: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """Add the layer's features (e.g. Qwen3-VL deepstack) at the visual tokens the sequence still holds."""
+        fwd = self.fwd
+        if fwd is None or index not in fwd.additions:
+            return None
+        mask, values = fwd.additions[index]
+        row_of = (mask.flatten().long().cumsum(0) - 1).view(mask.shape)  # each visual token's row in values
+        slots = fwd.slots
+        present = mask.gather(1, slots.index) & slots.real
+        added = torch.zeros_like(output)
+        added[present] = values.to(output.dtype)[row_of.gather(1, slots.index)[present]]
+        return output + added
 
     def _on_final_norm(self, module: nn.Module, args: tuple) -> tuple | None:
         fwd = self.fwd
