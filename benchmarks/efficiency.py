@@ -39,6 +39,8 @@ import torch
 
 import tokencompress as tc
 from tokencompress.tiny import tiny_llava, tiny_llava_inputs
+from tokencompress.tiny_qwen import FAMILIES as QWEN_FAMILIES
+from tokencompress.tiny_qwen import tiny_qwen_inputs, tiny_qwen_vl
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "efficiency.json"
 MiB = 2**20
@@ -116,6 +118,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="weights / activations dtype (default: float32 on cpu, bfloat16 on cuda)",
     )
+    parser.add_argument(
+        "--model",
+        choices=("llava", *QWEN_FAMILIES),
+        default="llava",
+        help="model shape: LLaVA-1.5 or a Qwen-VL family (same decoder sizes; the image gives the same token count)",
+    )
     parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (each runs every setting once)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
@@ -173,6 +181,8 @@ def make_settings(args: argparse.Namespace) -> list[Setting]:
 # -- model, inputs, switching -------------------------------------------------------------------------------
 def build(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Tensor]]:
     dtype = getattr(torch, args.dtype)
+    if args.model != "llava":
+        return build_qwen(args, dtype)
     model = tiny_llava(
         hidden=args.hidden,
         layers=args.layers,
@@ -192,6 +202,29 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Tensor]]:
     inputs = tiny_llava_inputs(
         model, [(prefix, args.text_tokens - prefix)] * args.batch, [1] * args.batch, seed=args.seed
     )
+    return model, {k: v.to(args.device) for k, v in inputs.items()}
+
+
+def build_qwen(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A Qwen-VL-shaped model with the same decoder sizes; the image is (2 side) x (2 side) patches, which the
+    2 x 2 merger turns into side x side tokens, side = image_size / patch_size (576 tokens by default)."""
+    model = tiny_qwen_vl(
+        args.model,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        vocab=args.vocab,
+        attn_implementation=args.attn,
+        seed=args.seed,
+        dtype=dtype,
+        vision_hidden=args.vision_hidden,
+    ).to(args.device)
+    side = 2 * (args.image_size // args.patch_size)
+    prefix = min(5, args.text_tokens // 4)
+    sample = [("text", prefix), ("image", (side, side)), ("text", args.text_tokens - prefix)]
+    inputs = tiny_qwen_inputs(model, [sample] * args.batch, seed=args.seed)
     return model, {k: v.to(args.device) for k, v in inputs.items()}
 
 
@@ -239,6 +272,9 @@ def run_once(
         [inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, steps)], dim=1
     )  # built once, sliced per step: nothing but the forward is timed
     positions = torch.arange(length, length + steps, device=device).expand(batch, steps)
+    rope_deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+    if rope_deltas is not None:  # Qwen-VL: text positions after the image continue from its M-RoPE offset
+        positions = positions + rope_deltas
     cache, decode_s = out.past_key_values, []
     token = out.logits[:, -1:].argmax(-1)
     for step in range(steps):
@@ -422,15 +458,17 @@ def vision_seconds(model: Any, inputs: dict[str, torch.Tensor], args: argparse.N
     """Median time of the vision tower + projector alone: a fixed cost that compression cannot touch and that
     the analytic FLOPs (decoder + LM head) leave out."""
     config = model.config
+    if args.model == "llava":
+        extra = {
+            "vision_feature_layer": config.vision_feature_layer,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        }
+    else:
+        extra = {"image_grid_thw": inputs["image_grid_thw"]}
     times = []
     for index in range(args.warmup + args.repeats):
         _, seconds = timed(
-            lambda: model.model.get_image_features(
-                pixel_values=inputs["pixel_values"],
-                vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy,
-            ),
-            args.device,
+            lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra), args.device
         )
         if index >= args.warmup:
             times.append(seconds)
@@ -645,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     print()
     print(
-        f"tokencompress efficiency -- random LLaVA: hidden {args.hidden}, {args.layers} layers, heads "
+        f"tokencompress efficiency -- random {args.model}: hidden {args.hidden}, {args.layers} layers, heads "
         f"{args.heads}/{args.kv_heads} kv, intermediate {args.intermediate}, vocab {args.vocab}, "
         f"{params / 1e6:.1f}M params, {args.dtype}, attn {args.attn}"
     )
