@@ -9,12 +9,15 @@ for prefill, full forwards and cached decode steps (greedy, sampling, beam searc
 `fastv_kept` recomputes FastV's choice with eager attention (`output_attentions=True`) on an uncompressed model,
 so the engine's kept set can be checked against an independent computation too.
 
-Nothing here imports tokencompress: it only relies on the transformers LLaVA/LLaMA module layout.
+Nothing here imports tokencompress: it only relies on the transformers module layout shared by LLaVA and
+Qwen2-VL/Qwen2.5-VL/Qwen3-VL (decoder layers at `model.model.language_model.layers`, the 2-D padding mask at the
+text model's entry). Positions are left to the uncompressed model (1-D, or Qwen's own M-RoPE ids).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -76,7 +79,7 @@ def reference_mask(
 
 
 class MaskingReference:
-    """Context manager: while active, `model` (an uncompressed LlavaForConditionalGeneration) masks the key
+    """Context manager: while active, `model` (an uncompressed LLaVA or Qwen-VL model) masks the key
     columns marked in `dropped` (B, L_prompt) bool out of attention in decoder layers >= `layer`.
 
     Works for any forward or `generate` call: the 2-D padding mask is read at the text model's entry (None means
@@ -147,21 +150,24 @@ def fastv_kept(
     inputs: dict[str, Tensor],
     layer: int,
     keep: float | int,
-    image_token_id: int,
+    image_token_id: int | Sequence[int],
 ) -> list[set[int]]:
     """FastV's kept visual positions per sample, recomputed with eager attention on an uncompressed model.
 
     Score of a visual token = attention it receives from the sample's last real token at layer `layer - 1`, mean
-    over heads; keep the top ceil(N x keep) (or the count) per sample. `inputs` must hold position_ids.
+    over heads; keep the top ceil(N x keep) (or the count) per sample. Visual tokens are those whose id is
+    `image_token_id` (or one of several ids: Qwen's image and video placeholders). LLaVA `inputs` must hold
+    position_ids (generate's); Qwen models compute their M-RoPE ids from mm_token_type_ids and the grids.
     """
     if eager_model.config.get_text_config()._attn_implementation != "eager":
         raise AssertionError("fastv_kept needs a model running eager attention")
     with torch.no_grad():
         out = eager_model(**inputs, output_attentions=True)
-    # Decoder attentions only: the LLaVA output's attentions are those of the language model.
+    # Decoder attentions only: the LLaVA and Qwen-VL outputs' attentions are those of the language model.
     attention = out.attentions[layer - 1]  # (B, H, L, L)
     pad = inputs["attention_mask"].bool()
-    visual = (inputs["input_ids"] == image_token_id) & pad
+    ids = [image_token_id] if isinstance(image_token_id, int) else list(image_token_id)
+    visual = torch.isin(inputs["input_ids"], torch.tensor(ids, device=pad.device)) & pad
     kept = []
     for b in range(pad.shape[0]):
         last = int(torch.nonzero(pad[b])[-1])
