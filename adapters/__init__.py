@@ -6,9 +6,10 @@ from torch import nn
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, QwenVLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, QwenVLAdapter]
 
 
 def find_adapter(model: nn.Module) -> Adapter:
@@ -23,4 +24,4 @@ def find_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "LlavaAdapter", "QwenVLAdapter", "find_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "find_adapter"]

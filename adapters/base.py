@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from tokencompress.accounting import DecoderShape
@@ -116,3 +117,20 @@ class Adapter:
 
     def scaling(self, layer: int) -> float:
         return self.attention(layer).scaling
+
+
+def check_media_runs(placeholder: Tensor, sizes: list[int], kind: str) -> None:
+    """Media fill placeholders in row-major order with `sizes` tokens each; each must start where a run of
+    placeholders starts and end where one ends, within one sample (a video may span one run per frame).
+    Otherwise the sizes (grids, image sizes) do not describe the prompt's own placeholders."""
+    flat = placeholder.flatten().nonzero()[:, 0]
+    rows = flat // placeholder.shape[1]
+    gap = torch.ones(len(flat) + 1, dtype=torch.bool, device=flat.device)
+    gap[1:-1] = (flat[1:] != flat[:-1] + 1) | (rows[1:] != rows[:-1])
+    ends = torch.tensor(sizes, device=flat.device).cumsum(0)
+    starts = ends - torch.tensor(sizes, device=flat.device)
+    if not bool(gap[starts].all() and gap[ends].all()):
+        raise ValueError(
+            f"the {kind} sizes do not match the runs of {kind} placeholder tokens: the {kind}s given take {sizes} "
+            "tokens in order, which do not fall on the placeholder runs of the prompt"
+        )

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tokencompress.view import VisualTokens
 
-from .base import Adapter
+from .base import Adapter, check_media_runs
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -68,7 +68,7 @@ class QwenVLAdapter(Adapter):
                 torch.tensor(sizes, device=placeholder.device),
             )
             media_id[placeholder] = ids
-            _check_runs(placeholder, sizes, kind)
+            check_media_runs(placeholder, sizes, kind)
             offset += len(sizes)
         unknown = torch.full_like(media_id, -1)
         return VisualTokens(media_id, unknown, unknown, [])
@@ -146,22 +146,6 @@ class QwenVLAdapter(Adapter):
     def addition_layers(self) -> list[int]:
         vision = self.model.config.vision_config
         return list(range(len(getattr(vision, "deepstack_visual_indexes", []) or [])))
-
-
-def _check_runs(placeholder: Tensor, sizes: list[int], kind: str) -> None:
-    """Each image or video must start where a run of placeholders starts and end where one ends, within one
-    sample (a Qwen3-VL video is one run per frame); otherwise its grid does not describe its own placeholders."""
-    flat = placeholder.flatten().nonzero()[:, 0]
-    rows = flat // placeholder.shape[1]
-    gap = torch.ones(len(flat) + 1, dtype=torch.bool, device=flat.device)
-    gap[1:-1] = (flat[1:] != flat[:-1] + 1) | (rows[1:] != rows[:-1])
-    ends = torch.tensor(sizes, device=flat.device).cumsum(0)
-    starts = ends - torch.tensor(sizes, device=flat.device)
-    if not bool(gap[starts].all() and gap[ends].all()):
-        raise ValueError(
-            f"{kind}_grid_thw does not match the runs of {kind} placeholder tokens: the grids describe {kind}s of "
-            f"{sizes} tokens in order, which do not fall on the placeholder runs of the prompt"
-        )
 
 
 def _renumber_by_first_appearance(groups: Tensor) -> Tensor:

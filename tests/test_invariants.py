@@ -8,17 +8,29 @@ from __future__ import annotations
 
 import copy
 
+import helpers
 import pytest
 import torch
 from conftest import NUM_LAYERS, fresh_model
+from helpers import (
+    ATOL,
+    assert_close_at,
+    assert_generate_matches_reference,
+    dropped_from_stats,
+    extend,
+    forward_hooks,
+    kept_sets,
+    kept_visual,
+    make_compressor,
+    second_turn,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import MaskingReference, expected_keep_count, fastv_kept, generation_positions
+from reference import MaskingReference, fastv_kept, generation_positions
 
 import tokencompress as tc
 from tokencompress.tiny import IMAGE_TOKEN_ID, tiny_llava_inputs
 
-ATOL = 1e-4
 IMPLEMENTATIONS = ["eager", "sdpa"]
 METHODS = ["fastv", "random"]
 
@@ -37,12 +49,7 @@ SETTINGS = [(1, 0.5), (2, 0.25), (3, 0.1), (2, 5)]
 # (the references below) would then find more placeholders than image features and fail inside transformers.
 # Generation tests suppress it; test_generated_placeholder_id_decodes_as_text covers that case on its own.
 GENERATE = {"suppress_tokens": [IMAGE_TOKEN_ID]}
-
-
-def make_compressor(method: str, layer: int, keep: float | int) -> tc.Compressor:
-    if method == "fastv":
-        return tc.FastV(layer=layer, keep=keep)
-    return tc.RandomDrop(layer=layer, keep=keep, seed=7)
+VISUAL_IDS = (IMAGE_TOKEN_ID,)
 
 
 def make_inputs(model, batch, padding_side: str = "left", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -54,12 +61,7 @@ def with_positions(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
 
 
-def visual_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (inputs["input_ids"] == IMAGE_TOKEN_ID) & inputs["attention_mask"].bool()
-
-
-def text_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (inputs["input_ids"] != IMAGE_TOKEN_ID) & inputs["attention_mask"].bool()
+visual_mask, text_mask, check_kept_accounting = helpers.bind(VISUAL_IDS, NUM_LAYERS)
 
 
 def last_real(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,66 +70,11 @@ def last_real(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), index, -1).amax(1)
 
 
-def kept_sets(model, layer: int, rows: int) -> list[set[int]]:
-    prefill = tc.stats(model).prefill
-    return [set(prefill.layers[layer].kept_positions(b)) for b in range(rows)]
-
-
-def dropped_from_stats(model, layer: int, visual: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: the real visual positions the engine reports as not processed by `layer`."""
-    dropped = visual.clone()
-    for b, kept in enumerate(kept_sets(model, layer, visual.shape[0])):
-        for position in kept:
-            dropped[b, position] = False
-    return dropped
-
-
-def check_kept_accounting(model, inputs, layer: int, keep) -> list[set[int]]:
-    """Stats agree with the budget: all real tokens before `layer`; from `layer` on, every real text token and
-    ceil(N x keep) (or the count) visual tokens per sample, the same set at every later layer."""
-    prefill = tc.stats(model).prefill
-    visual, real = visual_mask(inputs), inputs["attention_mask"].bool()
-    batch = visual.shape[0]
-    counts = visual.sum(1).tolist()
-    assert len(prefill.layers) == NUM_LAYERS
-    for stats in prefill.layers:
-        positions = [set(stats.kept_positions(b)) for b in range(batch)]
-        if stats.layer < layer:
-            assert positions == [set(torch.nonzero(real[b]).flatten().tolist()) for b in range(batch)]
-            assert stats.visual == counts
-        else:
-            assert stats.visual == [expected_keep_count(n, keep) for n in counts]
-            for b in range(batch):
-                text = set(torch.nonzero(real[b] & ~visual[b]).flatten().tolist())
-                assert text <= positions[b], "a text token was dropped"
-                assert positions[b] <= set(torch.nonzero(real[b]).flatten().tolist())
-                assert len(positions[b] - text) == expected_keep_count(counts[b], keep)
-            assert positions == kept_sets(model, layer, batch)
-    return kept_sets(model, layer, batch)
-
-
 def reference_logits(
     ref_model, layer: int, dropped: torch.Tensor, inputs: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    with torch.no_grad(), MaskingReference(ref_model, layer, dropped) as reference:
-        logits = ref_model(**with_positions(inputs)).logits
-    assert reference.calls > 0
-    return logits
-
-
-def assert_close_at(
-    actual: torch.Tensor, expected: torch.Tensor, where: torch.Tensor, atol: float = ATOL
-) -> None:
-    difference = (actual - expected)[where].abs().max().item()
-    assert difference <= atol, f"max |difference| {difference:.3g} > {atol}"
-
-
-def extend(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The prompt's inputs over prompt + generated tokens, attention mask extended with ones."""
-    new = sequences.shape[1] - inputs["input_ids"].shape[1]
-    mask = torch.cat([inputs["attention_mask"], torch.ones(sequences.shape[0], new, dtype=torch.long)], dim=1)
-    out = {**inputs, "input_ids": sequences, "attention_mask": mask}
-    return out
+    """The masking reference at the position ids `generate` uses."""
+    return helpers.reference_logits(ref_model, layer, dropped, with_positions(inputs))
 
 
 def check_steps_against_reference(out, ref_model, layer, dropped, inputs, first_position: int) -> None:
@@ -144,15 +91,6 @@ def check_steps_against_reference(out, ref_model, layer, dropped, inputs, first_
 # -- 1. identity --------------------------------------------------------------------------------------------
 
 
-def _hooks(model) -> dict[str, list[object]]:
-    """Every forward (pre-)hook on every module. Transformers installs its own output-capturing hooks on the
-    first forward, so compare snapshots taken after one."""
-    return {
-        name: [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-        for name, module in model.named_modules()
-    }
-
-
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("method", METHODS)
 def test_identity_keep_all(method, implementation):
@@ -163,7 +101,7 @@ def test_identity_keep_all(method, implementation):
     with torch.no_grad():
         expected = model(**inputs).logits
         expected_tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False, **GENERATE)
-    hooks = _hooks(model)
+    hooks = forward_hooks(model)
 
     assert tc.compress(model, make_compressor(method, 2, 1.0)) is model
     with torch.no_grad():
@@ -183,7 +121,7 @@ def test_identity_keep_all(method, implementation):
     after = model.state_dict()
     assert list(after) == list(state)
     assert all(torch.equal(after[k], state[k]) for k in state)
-    assert _hooks(model) == hooks
+    assert forward_hooks(model) == hooks
 
 
 # -- 2. removal equals masking ------------------------------------------------------------------------------
@@ -204,9 +142,7 @@ def test_removal_equals_masking(method, implementation, layer, keep, batch):
     visual = visual_mask(inputs)
     if method == "fastv":
         independent = fastv_kept(fresh_model("eager"), with_positions(inputs), layer, keep, IMAGE_TOKEN_ID)
-        assert [
-            k & set(torch.nonzero(visual[b]).flatten().tolist()) for b, k in enumerate(kept)
-        ] == independent
+        assert kept_visual(kept, visual) == independent
 
     dropped = dropped_from_stats(model, layer, visual)
     assert dropped.any(), "the setting should drop something"
@@ -358,10 +294,7 @@ def test_cache_beam_search(method, implementation, batch):
         "must share the prompt's kept set"
     )
     assert dropped.any()
-    with torch.no_grad(), MaskingReference(ref_model, layer, dropped):
-        expected = ref_model.generate(**inputs, **kwargs)
-    assert torch.equal(out.sequences, expected.sequences)
-    torch.testing.assert_close(out.sequences_scores, expected.sequences_scores, atol=ATOL, rtol=0)
+    assert_generate_matches_reference(out, ref_model, layer, dropped, inputs, kwargs)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -415,23 +348,7 @@ def test_multi_turn(method, implementation):
     dropped = dropped_from_stats(model, layer, visual_mask(inputs))
     check_steps_against_reference(first, ref_model, layer, dropped, inputs, inputs["input_ids"].shape[1])
 
-    generator = torch.Generator().manual_seed(5)
-    turn = torch.randint(
-        4, model.config.text_config.vocab_size, (first.sequences.shape[0], 3), generator=generator
-    )
-    conversation = torch.cat([first.sequences, turn], dim=1)
-    second_inputs = extend(inputs, conversation)
-    second_inputs.pop("pixel_values")
-    with torch.no_grad():
-        second = model.generate(
-            **second_inputs,
-            past_key_values=first.past_key_values,
-            max_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **GENERATE,
-        )
+    conversation, second = second_turn(model, inputs, first, GENERATE, 4, ["pixel_values"])
     assert torch.equal(second.sequences[:, : conversation.shape[1]], conversation)
     # the reference sees the whole conversation, images included, with the turn-1 drops masked from layer K on
     check_steps_against_reference(second, ref_model, layer, dropped, inputs, conversation.shape[1])
@@ -508,9 +425,7 @@ def test_property_removal_equals_masking(method, implementation, layer, keep, ro
         tc.uncompress(model)
     if method == "fastv":
         independent = fastv_kept(_shared_model("eager"), with_positions(inputs), layer, keep, IMAGE_TOKEN_ID)
-        assert [
-            k & set(torch.nonzero(visual[b]).flatten().tolist()) for b, k in enumerate(kept)
-        ] == independent
+        assert kept_visual(kept, visual) == independent
     expected = reference_logits(copy.deepcopy(model), layer, dropped, inputs)
     assert_close_at(logits, expected, text_mask(inputs))
     assert_close_at(logits, expected, inputs["attention_mask"].bool() & ~dropped)

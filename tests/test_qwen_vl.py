@@ -8,9 +8,23 @@ checks that those are the ids `generate` uses.
 
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
-from reference import MaskingReference, expected_keep_count, fastv_kept, generation_positions
+from helpers import (
+    ATOL,
+    assert_close_at,
+    assert_generate_matches_reference,
+    dropped_from_stats,
+    extend,
+    forward_hooks,
+    kept_sets,
+    kept_visual,
+    make_compressor,
+    reference_logits,
+    second_turn,
+)
+from reference import MaskingReference, fastv_kept, generation_positions
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import tokencompress as tc
@@ -25,7 +39,6 @@ from tokencompress.tiny_qwen import (
 )
 
 NUM_LAYERS = 4
-ATOL = 1e-4
 IMPLEMENTATIONS = ["eager", "sdpa"]
 METHODS = ["fastv", "random"]
 VISUAL_IDS = (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)
@@ -54,94 +67,16 @@ BATCHES = {"b1": BATCH_1, "b3": BATCH_3, "b3b": BATCH_3B, "video": BATCH_VIDEO}
 SETTINGS = [(1, 0.5), (2, 0.25), (3, 1)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is ~50x faster than two when the machine has other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fresh_model(family: str, implementation: str = "sdpa") -> torch.nn.Module:
     """A new, never compressed model; the same weights under every implementation."""
     return tiny_qwen_vl(family, layers=NUM_LAYERS, attn_implementation=implementation, seed=0)
-
-
-def make_compressor(method: str, layer: int, keep: float | int) -> tc.Compressor:
-    if method == "fastv":
-        return tc.FastV(layer=layer, keep=keep)
-    return tc.RandomDrop(layer=layer, keep=keep, seed=7)
 
 
 def make_inputs(model, batch, seed: int = 0) -> dict[str, torch.Tensor]:
     return tiny_qwen_inputs(model, batch, seed=seed)
 
 
-def visual_mask(inputs) -> torch.Tensor:
-    ids = inputs["input_ids"]
-    return torch.isin(ids, torch.tensor(VISUAL_IDS)) & inputs["attention_mask"].bool()
-
-
-def text_mask(inputs) -> torch.Tensor:
-    return inputs["attention_mask"].bool() & ~visual_mask(inputs)
-
-
-def kept_sets(model, layer: int, rows: int) -> list[set[int]]:
-    prefill = tc.stats(model).prefill
-    return [set(prefill.layers[layer].kept_positions(b)) for b in range(rows)]
-
-
-def dropped_from_stats(model, layer: int, visual: torch.Tensor) -> torch.Tensor:
-    dropped = visual.clone()
-    for b, kept in enumerate(kept_sets(model, layer, visual.shape[0])):
-        for position in kept:
-            dropped[b, position] = False
-    return dropped
-
-
-def check_kept_accounting(model, inputs, layer: int, keep) -> list[set[int]]:
-    """Before `layer` every real token; from `layer` on every real text token and ceil(N x keep) (or the count)
-    of each sample's image and video tokens together, the same set at every later layer."""
-    prefill = tc.stats(model).prefill
-    visual, real = visual_mask(inputs), inputs["attention_mask"].bool()
-    batch = visual.shape[0]
-    counts = visual.sum(1).tolist()
-    assert len(prefill.layers) == NUM_LAYERS
-    for stats in prefill.layers:
-        positions = [set(stats.kept_positions(b)) for b in range(batch)]
-        if stats.layer < layer:
-            assert positions == [set(torch.nonzero(real[b]).flatten().tolist()) for b in range(batch)]
-            assert stats.visual == counts
-        else:
-            assert stats.visual == [expected_keep_count(n, keep) for n in counts]
-            for b in range(batch):
-                text = set(torch.nonzero(real[b] & ~visual[b]).flatten().tolist())
-                assert text <= positions[b], "a text token was dropped"
-                assert positions[b] <= set(torch.nonzero(real[b]).flatten().tolist())
-                assert len(positions[b] - text) == expected_keep_count(counts[b], keep)
-            assert positions == kept_sets(model, layer, batch)
-    return kept_sets(model, layer, batch)
-
-
-def assert_close_at(actual, expected, where, atol: float = ATOL) -> None:
-    difference = (actual - expected)[where].abs().max().item()
-    assert difference <= atol, f"max |difference| {difference:.3g} > {atol}"
-
-
-def reference_logits(ref_model, layer: int, dropped, inputs) -> torch.Tensor:
-    with torch.no_grad(), MaskingReference(ref_model, layer, dropped) as reference:
-        logits = ref_model(**inputs).logits
-    assert reference.calls > 0
-    return logits
-
-
-def extend(inputs, sequences: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The prompt's inputs over prompt + generated tokens: mask extended with ones, token types with text (0)."""
-    rows, new = sequences.shape[0], sequences.shape[1] - inputs["input_ids"].shape[1]
-    mask = torch.cat([inputs["attention_mask"], torch.ones(rows, new, dtype=torch.long)], dim=1)
-    types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(rows, new, dtype=torch.long)], dim=1)
-    return {**inputs, "input_ids": sequences, "attention_mask": mask, "mm_token_type_ids": types}
+visual_mask, text_mask, check_kept_accounting = helpers.bind(VISUAL_IDS, NUM_LAYERS)
 
 
 def greedy(model, inputs, new_tokens: int = 5):
@@ -154,13 +89,6 @@ def greedy(model, inputs, new_tokens: int = 5):
             return_dict_in_generate=True,
             **GENERATE,
         )
-
-
-def _hooks(model) -> dict[str, list[object]]:
-    return {
-        name: [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-        for name, module in model.named_modules()
-    }
 
 
 # -- 1. identity --------------------------------------------------------------------------------------------
@@ -179,7 +107,7 @@ def test_identity_keep_all(family, method, implementation):
     with torch.no_grad():
         expected = model(**inputs).logits
     expected_tokens = greedy(model, inputs).sequences
-    hooks = _hooks(model)
+    hooks = forward_hooks(model)
 
     assert tc.compress(model, make_compressor(method, 1, 1.0)) is model
     with torch.no_grad():
@@ -198,7 +126,7 @@ def test_identity_keep_all(family, method, implementation):
     after = model.state_dict()
     assert list(after) == list(state)
     assert all(torch.equal(after[k], state[k]) for k in state)
-    assert _hooks(model) == hooks
+    assert forward_hooks(model) == hooks
 
 
 def test_deepstack_is_not_vacuous():
@@ -237,9 +165,7 @@ def test_removal_equals_masking(family, method, implementation, layer, keep, bat
     visual = visual_mask(inputs)
     if method == "fastv":
         independent = fastv_kept(fresh_model(family, "eager"), inputs, layer, keep, VISUAL_IDS)
-        assert [
-            k & set(torch.nonzero(visual[b]).flatten().tolist()) for b, k in enumerate(kept)
-        ] == independent
+        assert kept_visual(kept, visual) == independent
 
     dropped = dropped_from_stats(model, layer, visual)
     assert dropped.any(), "the setting should drop something"
@@ -443,10 +369,7 @@ def test_cache_beam_search(family, method):
     dropped = dropped_from_stats(model, layer, visual_mask(inputs).repeat_interleave(beams, dim=0))
     assert dropped.any()
     assert torch.equal(dropped, dropped[::beams].repeat_interleave(beams, dim=0))
-    with torch.no_grad(), MaskingReference(ref_model, layer, dropped):
-        expected = ref_model.generate(**inputs, **kwargs)
-    assert torch.equal(out.sequences, expected.sequences)
-    torch.testing.assert_close(out.sequences_scores, expected.sequences_scores, atol=ATOL, rtol=0)
+    assert_generate_matches_reference(out, ref_model, layer, dropped, inputs, kwargs)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -460,24 +383,9 @@ def test_multi_turn(family, method):
     tc.compress(model, make_compressor(method, layer, keep))
     first = greedy(model, inputs, new_tokens=4)
     dropped = dropped_from_stats(model, layer, visual_mask(inputs))
-    generator = torch.Generator().manual_seed(5)
-    turn = torch.randint(
-        8, model.config.text_config.vocab_size, (first.sequences.shape[0], 3), generator=generator
+    conversation, second = second_turn(
+        model, inputs, first, GENERATE, 8, ["pixel_values", "pixel_values_videos"]
     )
-    conversation = torch.cat([first.sequences, turn], dim=1)
-    second_inputs = extend(inputs, conversation)
-    second_inputs.pop("pixel_values")
-    second_inputs.pop("pixel_values_videos")
-    with torch.no_grad():
-        second = model.generate(
-            **second_inputs,
-            past_key_values=first.past_key_values,
-            max_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **GENERATE,
-        )
     assert torch.equal(second.sequences[:, : conversation.shape[1]], conversation)
     expected = reference_logits(ref_model, layer, dropped, extend(inputs, second.sequences))
     for step, step_logits in enumerate(second.logits):

@@ -11,15 +11,19 @@ from torch import Tensor
 class VisualTokens:
     """Where the visual tokens are in one forward's input (B, L), as the adapter found them.
 
-    image_index: (B, L) long, the image (or video frame) each token belongs to, -1 for text.
-    grid_row, grid_col: (B, L) long, the token's cell on its image's grid, -1 off the grid (text, CLS).
-    grid_shape: per sample, per image, (rows, cols) of that image's grid.
+    image_index: (B, L) long, the grid each token belongs to (an image, a sub-image such as an any-res base
+        view or crop grid, or a video frame), numbered per sample in sequence order; -1 for text.
+    grid_row, grid_col: (B, L) long, the token's cell on its grid, -1 off the grid (text, CLS).
+    grid_shape: per sample, per grid, (rows, cols).
+    structural: (B, L) bool or None, tokens the image carries that are not content (any-res row newlines):
+        compressors never see them as visual and the engine always keeps them, like text.
     """
 
     image_index: Tensor
     grid_row: Tensor
     grid_col: Tensor
     grid_shape: list[list[tuple[int, int]]]
+    structural: Tensor | None = None
 
     @property
     def is_visual(self) -> Tensor:
