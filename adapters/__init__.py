@@ -6,10 +6,11 @@ from torch import nn
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_codebase import LlavaCodebaseAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, QwenVLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, LlavaCodebaseAdapter]
 
 
 def find_adapter(model: nn.Module) -> Adapter:
@@ -24,4 +25,12 @@ def find_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "find_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "LlavaAdapter",
+    "LlavaCodebaseAdapter",
+    "LlavaNextAdapter",
+    "QwenVLAdapter",
+    "find_adapter",
+]

@@ -79,9 +79,17 @@ class Adapter:
         """
         raise NotImplementedError
 
-    def complete_visual_tokens(self, tokens: VisualTokens, text_inputs: dict[str, Any]) -> VisualTokens:
-        """Finish `tokens` from the text model's call arguments (e.g. grids from M-RoPE ids); default: as is."""
+    def complete_visual_tokens(
+        self, tokens: VisualTokens | None, text_inputs: dict[str, Any]
+    ) -> VisualTokens | None:
+        """Finish (or, for models that splice images inside their forward, produce) the visual tokens from the
+        text model's call arguments; default: as they are."""
         return tokens
+
+    def install(self) -> Any:
+        """Per-instance changes the adapter needs beyond hooks (e.g. observing a splice method); returns the
+        function that undoes them. Default: none."""
+        return lambda: None
 
     def take_layer_additions(self, text_inputs: dict[str, Any]) -> dict[int, tuple[Tensor, Tensor]]:
         """Features the model adds to a decoder layer's output at visual positions, {layer: (mask (B, L),

@@ -86,8 +86,12 @@ class QwenVLAdapter(Adapter):
             return [len(features) for features in encoded.pooler_output]
         return None
 
-    def complete_visual_tokens(self, tokens: VisualTokens, text_inputs: dict[str, Any]) -> VisualTokens:
+    def complete_visual_tokens(
+        self, tokens: VisualTokens | None, text_inputs: dict[str, Any]
+    ) -> VisualTokens | None:
         """Grid coordinates from the M-RoPE ids the text model received; one grid per image or video frame."""
+        if tokens is None:
+            return None
         positions = text_inputs.get("position_ids")
         if positions is None or positions.dim() != 3:
             raise ValueError(

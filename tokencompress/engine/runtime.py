@@ -77,6 +77,7 @@ class Engine:
         self.shape = adapter.shape()
         self.books: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list[Any] = []
+        self.undo: list[Any] = []  # adapters' own per-instance changes, undone on detach
         self.pending_tokens: VisualTokens | None = None
         self.fwd: ForwardState | None = None
         self.prefill_stats: ForwardStats | None = None
@@ -109,6 +110,7 @@ class Engine:
                 )
             self.handles.append(adapter.final_norm.register_forward_pre_hook(self._on_final_norm))
             self.handles.append(adapter.lm_head.register_forward_hook(self._on_lm_head))
+            self.undo.append(adapter.install())
         except Exception:
             self.detach()
             raise
@@ -118,6 +120,8 @@ class Engine:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        while self.undo:
+            self.undo.pop()()
         self.model.__dict__.pop("generate", None)
 
     def _wrap_generate(self) -> None:
@@ -179,8 +183,7 @@ class Engine:
         tokens, self.pending_tokens = self.pending_tokens, None
         if tokens is not None and tuple(tokens.image_index.shape) != (batch, length):
             tokens = None
-        if tokens is not None:
-            tokens = self.adapter.complete_visual_tokens(tokens, kwargs)
+        tokens = self.adapter.complete_visual_tokens(tokens, kwargs)
         additions = self.adapter.take_layer_additions(kwargs)
         kind = "prefill" if tokens is not None or length > 1 else "decode"
         self.fwd = ForwardState(
