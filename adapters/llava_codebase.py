@@ -179,12 +179,18 @@ class LlavaCodebaseAdapter(Adapter):
         return torch.zeros(size, dtype=torch.long), off, off.clone(), [(0, 0)]
 
     def _side(self, size: int) -> int:
-        tower = (
-            self.model.get_model().get_vision_tower()
-            if hasattr(self.model.get_model(), "get_vision_tower")
-            else None
-        )
+        """Patches per side of one view: the tower's `num_patches_per_side` or `num_patches` (LLaVA, MGM), else
+        the square root of the image's token count when it is a square."""
+        inner = self.model.get_model()
+        tower = inner.get_vision_tower() if hasattr(inner, "get_vision_tower") else None
         side = getattr(tower, "num_patches_per_side", None)
+        if not isinstance(side, int):
+            patches = getattr(tower, "num_patches", None)
+            side = (
+                math.isqrt(patches)
+                if isinstance(patches, int) and math.isqrt(patches) ** 2 == patches
+                else None
+            )
         if isinstance(side, int) and side > 0:
             return side
         root = math.isqrt(size)
