@@ -94,6 +94,12 @@ class LlavaNextAdapter(Adapter):
             )
             for size in sizes
         ]
+        per_sample = inputs.get("batch_num_images")
+        if (
+            per_sample is not None
+        ):  # OneVision: images of multi-image samples are not patched (base view only)
+            single = [int(n) == 1 for n in per_sample for _ in range(int(n))]
+            patches = [count if alone else 1 for count, alone in zip(patches, single, strict=True)]
         stand_in = [torch.zeros(n, self.side * self.side, 1) for n in patches]
         pack = self.model.model.pack_image_features
         options = {"image_newline": torch.ones(1)}
