@@ -11,7 +11,9 @@ so the engine's kept set can be checked against an independent computation too.
 
 Nothing here imports tokencompress: it only relies on the transformers module layout shared by LLaVA and
 Qwen2-VL/Qwen2.5-VL/Qwen3-VL (decoder layers at `model.model.language_model.layers`, the 2-D padding mask at the
-text model's entry). Positions are left to the uncompressed model (1-D, or Qwen's own M-RoPE ids).
+text model's entry), or on that of the LLaVA codebase family (original LLaVA, Mini-Gemini: the LLaMA decoder at
+`model.get_model()`, fed spliced `inputs_embeds`). Positions are left to the uncompressed model (1-D, or Qwen's
+own M-RoPE ids).
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class MaskingReference:
 
     @property
     def text_model(self) -> nn.Module:
-        return self.model.model.language_model
+        inner = self.model.model
+        # the LLaVA codebase family: the LLaMA decoder is the inner model itself
+        return inner.language_model if hasattr(inner, "language_model") else self.model.get_model()
 
     def __enter__(self) -> MaskingReference:
         self.handles.append(self.text_model.register_forward_pre_hook(self._on_text, with_kwargs=True))
@@ -150,7 +154,8 @@ def fastv_kept(
     inputs: dict[str, Tensor],
     layer: int,
     keep: float | int,
-    image_token_id: int | Sequence[int],
+    image_token_id: int | Sequence[int] | None,
+    visual: Tensor | None = None,
 ) -> list[set[int]]:
     """FastV's kept visual positions per sample, recomputed with eager attention on an uncompressed model.
 
@@ -158,6 +163,8 @@ def fastv_kept(
     over heads; keep the top ceil(N x keep) (or the count) per sample. Visual tokens are those whose id is
     `image_token_id` (or one of several ids: Qwen's image and video placeholders). LLaVA `inputs` must hold
     position_ids (generate's); Qwen models compute their M-RoPE ids from mm_token_type_ids and the grids.
+    `visual` (B, L) bool, when given, marks the visual tokens instead (inputs given as spliced `inputs_embeds`,
+    as in the LLaVA codebase family, have no placeholder ids).
     """
     if eager_model.config.get_text_config()._attn_implementation != "eager":
         raise AssertionError("fastv_kept needs a model running eager attention")
@@ -166,8 +173,10 @@ def fastv_kept(
     # Decoder attentions only: the LLaVA and Qwen-VL outputs' attentions are those of the language model.
     attention = out.attentions[layer - 1]  # (B, H, L, L)
     pad = inputs["attention_mask"].bool()
-    ids = [image_token_id] if isinstance(image_token_id, int) else list(image_token_id)
-    visual = torch.isin(inputs["input_ids"], torch.tensor(ids, device=pad.device)) & pad
+    if visual is None:
+        ids = [image_token_id] if isinstance(image_token_id, int) else list(image_token_id)
+        visual = torch.isin(inputs["input_ids"], torch.tensor(ids, device=pad.device))
+    visual = visual.to(pad.device) & pad
     kept = []
     for b in range(pad.shape[0]):
         last = int(torch.nonzero(pad[b])[-1])
