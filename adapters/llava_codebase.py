@@ -89,7 +89,7 @@ class LlavaCodebaseAdapter(Adapter):
             arguments = bound.arguments
             input_ids, images = arguments.get("input_ids"), arguments.get("images")
             if input_ids is None or images is None or input_ids.shape[1] == 1:
-                return original(*args, **kwargs)
+                return _full_length_decode_mask(original(*args, **kwargs), input_ids, arguments)
             labels, mask = arguments.get("labels"), arguments.get("attention_mask")
             arguments["labels"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
                 input_ids
@@ -195,6 +195,26 @@ class LlavaCodebaseAdapter(Adapter):
             return side
         root = math.isqrt(size)
         return root if root * root == size else 0
+
+
+def _full_length_decode_mask(out: Any, input_ids: Tensor | None, arguments: dict[str, Any]) -> Any:
+    """LLaVA-HR's decode step builds an all-ones mask from the last layer's cache length; with per-layer caches
+    that layer is shorter than the sequence. Layer 0's cache always holds the full length: size the mask by it."""
+    cache = arguments.get("past_key_values")
+    if (
+        input_ids is None
+        or not hasattr(cache, "get_seq_length")
+        or not isinstance(out, tuple)
+        or len(out) < 4
+    ):
+        return out
+    mask = out[-4]
+    expected = cache.get_seq_length() + input_ids.shape[1]
+    if not isinstance(mask, Tensor) or mask.shape[1] == expected or not bool(mask.all()):
+        return out
+    out = list(out)
+    out[-4] = torch.ones(mask.shape[0], expected, dtype=mask.dtype, device=mask.device)
+    return tuple(out)
 
 
 def _carry_labels(labels: Tensor, probe: Tensor) -> Tensor:
