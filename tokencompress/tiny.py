@@ -9,6 +9,31 @@ IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
 
 
+def tiny_text_config(
+    hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int
+) -> LlamaConfig:
+    """The LLaMA decoder config every tiny LLaVA-family model uses."""
+    return LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+
+
+def finish_tiny_model(model: torch.nn.Module, hidden: int, dtype: torch.dtype) -> torch.nn.Module:
+    """Eval mode and dtype; logits spread so greedy decoding of a random model is not dominated by ties."""
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0 / hidden**0.5 * 4)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
 def tiny_llava(
     hidden: int = 64,
     layers: int = 4,
@@ -25,16 +50,7 @@ def tiny_llava(
 ) -> LlavaForConditionalGeneration:
     """A random LlavaForConditionalGeneration: (image_size / patch_size)^2 visual tokens per image."""
     torch.manual_seed(seed)
-    text = LlamaConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_TOKEN_ID,
-    )
+    text = tiny_text_config(hidden, layers, heads, kv_heads, intermediate, vocab)
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
@@ -51,12 +67,7 @@ def tiny_llava(
         vision_feature_select_strategy="default",
     )
     config._attn_implementation = attn_implementation
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    # Spread embeddings and logits so greedy decoding is not dominated by ties in a random model.
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 1.0 / hidden**0.5 * 4)
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
-    return model
+    return finish_tiny_model(LlavaForConditionalGeneration(config), hidden, dtype)
 
 
 def tiny_llava_inputs(
@@ -125,16 +136,7 @@ def tiny_llava_next(
     )
 
     torch.manual_seed(seed)
-    text = LlamaConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_TOKEN_ID,
-    )
+    text = tiny_text_config(hidden, layers, heads, kv_heads, intermediate, vocab)
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32
     )
@@ -164,11 +166,7 @@ def tiny_llava_next(
     else:
         raise ValueError(f"family must be 'llava_next' or 'llava_onevision', got {family!r}")
     config._attn_implementation = attn_implementation
-    model = model_class(config).to(dtype).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 1.0 / hidden**0.5 * 4)
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
-    return model
+    return finish_tiny_model(model_class(config), hidden, dtype)
 
 
 def tiny_llava_next_inputs(

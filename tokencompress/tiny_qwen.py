@@ -21,7 +21,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-PAD_TOKEN_ID = 0
+from .tiny import PAD_TOKEN_ID, finish_tiny_model
+
 VISION_START_TOKEN_ID = 1
 VISION_END_TOKEN_ID = 2
 IMAGE_TOKEN_ID = 3
@@ -131,11 +132,7 @@ def tiny_qwen_vl(
         vision_end_token_id=VISION_END_TOKEN_ID,
     )
     config._attn_implementation = attn_implementation
-    model = model_class(config).to(dtype).eval()
-    # Spread the logits so greedy decoding is not dominated by ties in a random model (as tiny.py does).
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 1.0 / hidden**0.5 * 4)
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model = finish_tiny_model(model_class(config), hidden, dtype)
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = None
     return model
