@@ -16,6 +16,9 @@ from helpers import (
     ATOL,
     assert_close_at,
     assert_generate_matches_reference,
+    assert_steps_match,
+    assert_untouched,
+    check_pruned_cache,
     dropped_from_stats,
     extend,
     forward_hooks,
@@ -82,10 +85,7 @@ def check_steps_against_reference(out, ref_model, layer, dropped, inputs, first_
     full = extend(inputs, out.sequences)
     logits = reference_logits(ref_model, layer, dropped, full)
     assert len(out.logits) >= 1
-    for step, step_logits in enumerate(out.logits):
-        expected = logits[:, first_position - 1 + step]
-        difference = (step_logits - expected).abs().max().item()
-        assert difference <= ATOL, f"decode step {step}: max |difference| {difference:.3g} > {ATOL}"
+    assert_steps_match(out.logits, logits, first_position)
 
 
 # -- 1. identity --------------------------------------------------------------------------------------------
@@ -118,10 +118,7 @@ def test_identity_keep_all(method, implementation):
         again_tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False, **GENERATE)
     assert torch.equal(again, expected)
     assert torch.equal(again_tokens, expected_tokens)
-    after = model.state_dict()
-    assert list(after) == list(state)
-    assert all(torch.equal(after[k], state[k]) for k in state)
-    assert forward_hooks(model) == hooks
+    assert_untouched(model, state, hooks)
 
 
 # -- 2. removal equals masking ------------------------------------------------------------------------------
@@ -243,12 +240,7 @@ def test_cache_greedy(method, implementation, batch):
     dropped = dropped_from_stats(model, layer, visual_mask(inputs))
     check_steps_against_reference(out, ref_model, layer, dropped, inputs, inputs["input_ids"].shape[1])
     # the pruned cache holds only kept tokens from layer K on, and the stats say what the cache holds
-    entries = tc.stats(model).kv_cache_entries
-    held = [cache_layer.keys.shape[2] for cache_layer in out.past_key_values.layers]
-    prompt = inputs["input_ids"].shape[1]
-    assert entries == held
-    assert held[:layer] == [prompt + 5] * layer
-    assert all(length == held[layer] < prompt + 5 for length in held[layer:])
+    check_pruned_cache(model, out.past_key_values, layer, inputs["input_ids"].shape[1] + 5)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -25,21 +25,27 @@ import pytest
 import torch
 from helpers import (
     ATOL,
+    ViewRecorder,
     assert_close_at,
+    assert_steps_match,
+    assert_untouched,
+    check_flops_match_counter,
+    check_pruned_cache,
+    check_raises_before_vision,
     dropped_from_stats,
     forward_hooks,
     kept_sets,
     kept_visual,
     make_compressor,
+    measure_flops,
+    observed,
 )
 from llava_codebase import image_token_count, tiny_llava_codebase, tiny_llava_codebase_inputs
 from minigemini_standin import image_tokens_per_image, tiny_minigemini, tiny_minigemini_inputs
 from reference import MaskingReference, fastv_kept, generation_positions
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import tokencompress as tc
-from tokencompress.compressors.base import TokenDropper
 
 NUM_LAYERS = 4
 IMAGE_TOKEN_INDEX = -200
@@ -143,15 +149,7 @@ def generate_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def greedy(model, inputs, new_tokens: int = 5):
-    with torch.no_grad():
-        return model.generate(
-            **generate_kwargs(inputs),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    return helpers.greedy(model, generate_kwargs(inputs), new_tokens, min_new_tokens=new_tokens)
 
 
 def splice(model, inputs, labels=None):
@@ -273,10 +271,7 @@ def test_identity_keep_all(family, method, implementation, side, batch):
     assert torch.equal(again, expected)
     if generates:
         assert torch.equal(greedy(model, inputs).sequences, expected_tokens)
-    after = model.state_dict()
-    assert list(after) == list(state)
-    assert all(torch.equal(after[k], state[k]) for k in state)
-    assert forward_hooks(model) == hooks
+    assert_untouched(model, state, hooks)
 
 
 @pytest.mark.parametrize("side", SIDES)
@@ -367,29 +362,6 @@ def test_reference_is_not_vacuous():
 # -- visual positions and grids ---------------------------------------------------------------------------------
 
 
-@dataclass
-class ViewRecorder(TokenDropper):
-    """A test-only compressor (through the public extension interface): keeps every token, records its views."""
-
-    layer: int = 1
-    keep: float = 1.0
-    views: list = field(default_factory=list)
-
-    name = "test-codebase-view-recorder"
-
-    def score(self, view):
-        self.views.append(view)
-        return torch.zeros(view.is_visual.shape)
-
-
-def observed(view, b: int) -> list[tuple[int, int, int, int]]:
-    """(position, grid, row, col) of every slot the view marks visual in sample b."""
-    visual = view.is_visual[b]
-    columns = [view.position[b][visual], view.image_index[b][visual], view.grid_row[b][visual]]
-    columns.append(view.grid_col[b][visual])
-    return list(zip(*(c.tolist() for c in columns), strict=True))
-
-
 @pytest.mark.parametrize("batch", ["b1", "b3"])
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -443,14 +415,9 @@ def test_cache_greedy(family, method, implementation, side, batch):
     expected = spliced_reference(
         ref_model, layer, dropped, full_embeds, full_mask, position_ids=generation_positions(full_mask)
     )
-    for step, step_logits in enumerate(out.logits):
-        difference = (step_logits - expected[:, prompt - 1 + step]).abs().max().item()
-        assert difference <= ATOL, f"decode step {step}: max |difference| {difference:.3g} > {ATOL}"
+    assert_steps_match(out.logits, expected, prompt)
     # the pruned cache holds only kept tokens from layer K on, and the stats say so
-    held = [cache_layer.keys.shape[2] for cache_layer in out.past_key_values.layers]
-    assert tc.stats(model).kv_cache_entries == held
-    assert held[:layer] == [prompt + new_tokens - 1] * layer
-    assert all(length == held[layer] < prompt + new_tokens - 1 for length in held[layer:])
+    check_pruned_cache(model, out.past_key_values, layer, prompt + new_tokens - 1)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -522,28 +489,11 @@ def test_eager_matches_sdpa(family, method, side):
 # -- 5. accounting ------------------------------------------------------------------------------------------
 
 
-def _sdpa_formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch counts nothing for the CPU sdpa kernel; give it the formula torch uses for the GPU ones
-SDPA_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_formula}
-
-
 def _measure(model, fn) -> tuple[int, object]:
     """FLOPs the counter attributes to the decoder (`model.model`'s own forward: the splice, vision towers and
     projector run outside it) and the LM head."""
-    counter = FlopCounterMode(display=False, custom_mapping=SDPA_CPU)
-    with torch.no_grad(), counter:
-        result = fn()
-    counts = counter.get_flop_counts()
     root = type(model).__name__
-    return sum(counts[f"{root}.model"].values()) + sum(counts[f"{root}.lm_head"].values()), result
-
-
-def _close(analytic: int, measured: int) -> None:
-    assert measured > 0
-    assert abs(analytic - measured) <= 0.02 * measured, (analytic, measured)
+    return measure_flops(fn, (f"{root}.model", f"{root}.lm_head"))
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -552,25 +502,13 @@ def test_flops_match_counter(family, implementation):
     model = fresh_model(family, implementation, "right")
     inputs = make_inputs(family, model, "b3", "right")
     _, spliced_mask, _ = splice(model, inputs)
-    bare, _ = _measure(model, lambda: model(**inputs))
-    with tc.compressed(model, tc.FastV(layer=2, keep=0.25)):
-        prefill, out = _measure(model, lambda: model(**inputs, use_cache=True))
-        stats = tc.stats(model)
-        _close(stats.prefill.flops, prefill)
-        _close(stats.prefill.baseline_flops, bare)
-        step = torch.full((out.logits.shape[0], 1), 9)
-        mask = torch.cat([spliced_mask, torch.ones_like(step)], dim=1)
-        decode_inputs = {
-            "input_ids": step,
-            "attention_mask": mask,
-            "position_ids": spliced_mask.sum(1, keepdim=True),
-            "past_key_values": out.past_key_values,
-        }
-        decode, _ = _measure(model, lambda: model(**decode_inputs, use_cache=True))
-        stats = tc.stats(model)
-        assert stats.last.kind == "decode"
-        _close(stats.last.flops, decode)
-    assert prefill < 0.9 * bare
+    check_flops_match_counter(
+        model,
+        inputs,
+        spliced_mask,
+        lambda mask: spliced_mask.sum(1, keepdim=True),
+        measure=functools.partial(_measure, model),
+    )
 
 
 # -- 6. bad input -------------------------------------------------------------------------------------------
@@ -582,13 +520,4 @@ def test_more_placeholders_than_images_raises_before_vision(family):
     inputs = make_inputs(family, model, "b3", "right")
     placeholders = int((inputs["input_ids"] == IMAGE_TOKEN_INDEX).sum())
     inputs = {**inputs, **{k: v[: placeholders - 1] for k, v in media(inputs).items()}}
-    calls = []
-    for tower in FAMILIES[family].towers(model):
-        tower.register_forward_pre_hook(lambda m, a: calls.append(1))
-    tc.compress(model, tc.FastV(layer=2, keep=0.5))
-    with pytest.raises(ValueError, match="placeholder"), torch.no_grad():
-        model(**inputs)
-    assert not calls, "the vision tower ran before the error"
-    with pytest.raises(ValueError, match="placeholder"), torch.no_grad():
-        model.generate(**generate_kwargs(inputs), max_new_tokens=2)
-    assert not calls, "the vision tower ran before the error"
+    check_raises_before_vision(model, FAMILIES[family].towers(model), inputs, generate_kwargs(inputs))

@@ -16,12 +16,23 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import helpers
 import pytest
 import torch
-from helpers import ATOL, assert_close_at, dropped_from_stats, forward_hooks, kept_visual, make_compressor
+from helpers import (
+    ViewRecorder,
+    assert_close_at,
+    assert_steps_match,
+    assert_untouched,
+    check_raises_before_vision,
+    dropped_from_stats,
+    forward_hooks,
+    kept_visual,
+    make_compressor,
+    observed,
+)
 from llava_hr_standin import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
@@ -33,7 +44,6 @@ from reference import MaskingReference, fastv_kept
 from torch import nn
 
 import tokencompress as tc
-from tokencompress.compressors.base import TokenDropper
 
 NUM_LAYERS = 4
 IMPLEMENTATIONS = ["eager", "sdpa"]
@@ -221,10 +231,7 @@ def test_identity_keep_all(method, implementation, batch):
     with torch.no_grad():
         again = model(**inputs).logits
     assert torch.equal(again, expected)
-    after = model.state_dict()
-    assert list(after) == list(state)
-    assert all(torch.equal(after[k], state[k]) for k in state)
-    assert forward_hooks(model) == hooks
+    assert_untouched(model, state, hooks)
 
 
 # -- 2. removal equals masking ------------------------------------------------------------------------------
@@ -297,29 +304,6 @@ def test_rows_of_different_length_run_with_the_probe(method):
 # -- 3. the visual positions ------------------------------------------------------------------------------------
 
 
-@dataclass
-class ViewRecorder(TokenDropper):
-    """A test-only compressor (through the public extension interface): keeps every token, records its views."""
-
-    layer: int = 1
-    keep: float = 1.0
-    views: list = field(default_factory=list)
-
-    name = "test-llava-hr-view-recorder"
-
-    def score(self, view):
-        self.views.append(view)
-        return torch.zeros(view.is_visual.shape)
-
-
-def observed(view, b: int) -> list[tuple[int, int, int, int]]:
-    """(position, image, row, col) of every slot the view marks visual in sample b."""
-    visual = view.is_visual[b]
-    columns = [view.position[b][visual], view.image_index[b][visual], view.grid_row[b][visual]]
-    columns.append(view.grid_col[b][visual])
-    return list(zip(*(c.tolist() for c in columns), strict=True))
-
-
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_visual_positions_follow_the_prompt(batch):
     """The positions the adapter marks visual, with their image and raster cell, are those derived from the
@@ -368,9 +352,7 @@ def test_cache_greedy(method, implementation):
     logits = reference_logits(ref_model, layer, dropped, full)
     prompt = layout.real.shape[1]
     assert len(out.logits) == new
-    for step, step_logits in enumerate(out.logits):
-        difference = (step_logits - logits[:, prompt - 1 + step]).abs().max().item()
-        assert difference <= ATOL, f"decode step {step}: max |difference| {difference:.3g} > {ATOL}"
+    assert_steps_match(out.logits, logits, prompt)
 
 
 # -- 5. bad input ---------------------------------------------------------------------------------------------
@@ -381,12 +363,4 @@ def test_more_placeholders_than_images_raises_before_vision():
     inputs = make_inputs(model, "padded")
     placeholders = int((inputs["input_ids"] == IMAGE_TOKEN_INDEX).sum())
     inputs = {**inputs, "images": inputs["images"][: placeholders - 1]}
-    calls = []
-    model.get_vision_tower().register_forward_pre_hook(lambda m, a: calls.append(1))
-    tc.compress(model, tc.FastV(layer=2, keep=0.5))
-    with pytest.raises(ValueError, match="placeholder"), torch.no_grad():
-        model(**inputs)
-    assert not calls, "the vision tower ran before the error"
-    with pytest.raises(ValueError, match="placeholder"), torch.no_grad():
-        model.generate(**inputs, max_new_tokens=2)
-    assert not calls, "the vision tower ran before the error"
+    check_raises_before_vision(model, [model.get_vision_tower()], inputs)

@@ -14,13 +14,19 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import helpers
 import pytest
 import torch
 from helpers import (
-    ATOL,
+    ViewRecorder,
     assert_close_at,
+    assert_steps_match,
+    assert_untouched,
+    check_flops_match_counter,
+    check_pruned_cache,
+    check_raises_before_vision,
     extend,
     forward_hooks,
     kept_sets,
@@ -28,10 +34,8 @@ from helpers import (
 )
 from helpers import reference_logits as masked_logits
 from reference import expected_keep_count, generation_positions
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import tokencompress as tc
-from tokencompress.compressors.base import TokenDropper
 from tokencompress.tiny import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_llava_next, tiny_llava_next_inputs
 
 FAMILIES = ("llava_next", "llava_onevision")
@@ -251,16 +255,7 @@ def fastv_content_kept(eager_model, inputs, content: torch.Tensor, layer: int, k
     return kept
 
 
-def greedy(model, inputs, new_tokens: int = 5):
-    with torch.no_grad():
-        return model.generate(
-            **inputs,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **GENERATE,
-        )
+greedy = functools.partial(helpers.greedy, **GENERATE)
 
 
 # -- 0. the independent layout agrees with the model -------------------------------------------------------
@@ -317,10 +312,7 @@ def test_identity_keep_all(family, method, implementation):
         again = model(**inputs).logits
     assert torch.equal(again, expected)
     assert torch.equal(greedy(model, inputs).sequences, expected_tokens)
-    after = model.state_dict()
-    assert list(after) == list(state)
-    assert all(torch.equal(after[k], state[k]) for k in state)
-    assert forward_hooks(model) == hooks
+    assert_untouched(model, state, hooks)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -410,13 +402,8 @@ def test_cache_greedy(family, method, implementation, batch):
     assert dropped.any()
     prompt = inputs["input_ids"].shape[1]
     expected = reference_logits(ref_model, layer, dropped, extend(inputs, out.sequences))
-    for step, step_logits in enumerate(out.logits):
-        difference = (step_logits - expected[:, prompt - 1 + step]).abs().max().item()
-        assert difference <= ATOL, f"decode step {step}: max |difference| {difference:.3g} > {ATOL}"
-    held = [cache_layer.keys.shape[2] for cache_layer in out.past_key_values.layers]
-    assert tc.stats(model).kv_cache_entries == held
-    assert held[:layer] == [prompt + new_tokens - 1] * layer
-    assert all(length == held[layer] < prompt + new_tokens - 1 for length in held[layer:])
+    assert_steps_match(out.logits, expected, prompt)
+    check_pruned_cache(model, out.past_key_values, layer, prompt + new_tokens - 1)
 
 
 # -- 4. backends --------------------------------------------------------------------------------------------
@@ -444,73 +431,17 @@ def test_eager_matches_sdpa(family, method):
 # -- 5. accounting ------------------------------------------------------------------------------------------
 
 
-def _sdpa_formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch counts nothing for the CPU sdpa kernel; give it the formula torch uses for the GPU ones
-SDPA_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_formula}
-
-
-def _measure(fn) -> tuple[int, object]:
-    """FLOPs the counter attributes to the decoder stack and the LM head (not the vision tower)."""
-    counter = FlopCounterMode(display=False, custom_mapping=SDPA_CPU)
-    with torch.no_grad(), counter:
-        result = fn()
-    counts = counter.get_flop_counts()
-    language = [k for k in counts if k.endswith(".model.language_model")]
-    head = [k for k in counts if k.endswith(".lm_head")]
-    assert len(language) == 1 and len(head) == 1, sorted(counts)
-    return sum(counts[language[0]].values()) + sum(counts[head[0]].values()), result
-
-
-def _close(analytic: int, measured: int) -> None:
-    assert measured > 0
-    assert abs(analytic - measured) <= 0.02 * measured, (analytic, measured)
-
-
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flops_match_counter(family, implementation):
     model = fresh_model(family, implementation)
     inputs = with_positions(make_inputs(model, BATCH_3[family]))
-    bare, _ = _measure(lambda: model(**inputs))
-    with tc.compressed(model, tc.FastV(layer=2, keep=0.25)):
-        prefill, out = _measure(lambda: model(**inputs, use_cache=True))
-        stats = tc.stats(model)
-        _close(stats.prefill.flops, prefill)
-        _close(stats.prefill.baseline_flops, bare)
-        step = torch.full((out.logits.shape[0], 1), 9)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
-        decode_inputs = {
-            "input_ids": step,
-            "attention_mask": mask,
-            "position_ids": generation_positions(mask)[:, -1:],
-            "past_key_values": out.past_key_values,
-        }
-        decode, _ = _measure(lambda: model(**decode_inputs, use_cache=True))
-        stats = tc.stats(model)
-        assert stats.last.kind == "decode"
-        _close(stats.last.flops, decode)
-    assert prefill < 0.9 * bare
+    check_flops_match_counter(
+        model, inputs, inputs["attention_mask"], lambda mask: generation_positions(mask)[:, -1:]
+    )
 
 
 # -- the grid view ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ViewRecorder(TokenDropper):
-    """A test-only compressor (through the public extension interface): keeps every token, records its views."""
-
-    layer: int = 1
-    keep: float = 1.0
-    views: list = field(default_factory=list)
-
-    name = "test-llava-next-view-recorder"
-
-    def score(self, view):
-        self.views.append(view)
-        return torch.zeros(view.is_visual.shape)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -623,15 +554,7 @@ def _mismatched(model, family: str, kind: str) -> dict[str, torch.Tensor]:
 def test_size_placeholder_mismatch_raises_before_vision(family, kind):
     model = fresh_model(family)
     inputs = _mismatched(model, family, kind)
-    calls = []
-    model.model.vision_tower.register_forward_pre_hook(lambda m, a: calls.append(1))
-    tc.compress(model, tc.FastV(layer=2, keep=0.5))
-    with pytest.raises(ValueError, match="placeholder"), torch.no_grad():
-        model(**inputs)
-    assert not calls, "the vision tower ran before the error"
-    with pytest.raises(ValueError, match="placeholder"), torch.no_grad():
-        model.generate(**inputs, max_new_tokens=2)
-    assert not calls, "the vision tower ran before the error"
+    check_raises_before_vision(model, [model.model.vision_tower], inputs)
 
 
 # -- OneVision multi-image prompts as its processor builds them ---------------------------------------------

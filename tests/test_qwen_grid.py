@@ -3,13 +3,11 @@ coordinates implied by its image_grid_thw / video_grid_thw (independent of how t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
+from helpers import ViewRecorder
 
 import tokencompress as tc
-from tokencompress.compressors.base import TokenDropper
 from tokencompress.tiny_qwen import tiny_qwen_inputs, tiny_qwen_vl
 
 MERGE = 2
@@ -18,21 +16,6 @@ SAMPLES = [
     [("text", 2), ("image", (4, 4)), ("text", 1), ("image", (2, 4)), ("text", 3)],
     [("text", 2), ("video", (2, 4, 4)), ("text", 3), ("image", (2, 2)), ("text", 1)],
 ]
-
-
-@dataclass
-class ViewRecorder(TokenDropper):
-    """A test-only compressor (through the public extension interface): keeps every token, records its views."""
-
-    layer: int = 1
-    keep: float = 1.0
-    views: list = field(default_factory=list)
-
-    name = "test-view-recorder"
-
-    def score(self, view):
-        self.views.append(view)
-        return torch.zeros(view.is_visual.shape)
 
 
 def expected_grids(sample):

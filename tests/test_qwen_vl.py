@@ -8,6 +8,8 @@ checks that those are the ids `generate` uses.
 
 from __future__ import annotations
 
+import functools
+
 import helpers
 import pytest
 import torch
@@ -15,6 +17,11 @@ from helpers import (
     ATOL,
     assert_close_at,
     assert_generate_matches_reference,
+    assert_steps_match,
+    assert_untouched,
+    check_flops_match_counter,
+    check_pruned_cache,
+    check_raises_before_vision,
     dropped_from_stats,
     extend,
     forward_hooks,
@@ -25,7 +32,6 @@ from helpers import (
     second_turn,
 )
 from reference import MaskingReference, fastv_kept, generation_positions
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import tokencompress as tc
 from tokencompress.tiny_qwen import (
@@ -79,16 +85,7 @@ def make_inputs(model, batch, seed: int = 0) -> dict[str, torch.Tensor]:
 visual_mask, text_mask, check_kept_accounting = helpers.bind(VISUAL_IDS, NUM_LAYERS)
 
 
-def greedy(model, inputs, new_tokens: int = 5):
-    with torch.no_grad():
-        return model.generate(
-            **inputs,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **GENERATE,
-        )
+greedy = functools.partial(helpers.greedy, **GENERATE)
 
 
 # -- 1. identity --------------------------------------------------------------------------------------------
@@ -123,10 +120,7 @@ def test_identity_keep_all(family, method, implementation):
         again = model(**inputs).logits
     assert torch.equal(again, expected)
     assert torch.equal(greedy(model, inputs).sequences, expected_tokens)
-    after = model.state_dict()
-    assert list(after) == list(state)
-    assert all(torch.equal(after[k], state[k]) for k in state)
-    assert forward_hooks(model) == hooks
+    assert_untouched(model, state, hooks)
 
 
 def test_deepstack_is_not_vacuous():
@@ -337,14 +331,9 @@ def test_cache_greedy(family, method, implementation, batch):
     assert dropped.any()
     prompt = inputs["input_ids"].shape[1]
     expected = reference_logits(ref_model, layer, dropped, extend(inputs, out.sequences))
-    for step, step_logits in enumerate(out.logits):
-        difference = (step_logits - expected[:, prompt - 1 + step]).abs().max().item()
-        assert difference <= ATOL, f"decode step {step}: max |difference| {difference:.3g} > {ATOL}"
+    assert_steps_match(out.logits, expected, prompt)
     # the pruned cache holds only kept tokens from layer K on, and the stats say so
-    held = [cache_layer.keys.shape[2] for cache_layer in out.past_key_values.layers]
-    assert tc.stats(model).kv_cache_entries == held
-    assert held[:layer] == [prompt + new_tokens - 1] * layer
-    assert all(length == held[layer] < prompt + new_tokens - 1 for length in held[layer:])
+    check_pruned_cache(model, out.past_key_values, layer, prompt + new_tokens - 1)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -388,9 +377,7 @@ def test_multi_turn(family, method):
     )
     assert torch.equal(second.sequences[:, : conversation.shape[1]], conversation)
     expected = reference_logits(ref_model, layer, dropped, extend(inputs, second.sequences))
-    for step, step_logits in enumerate(second.logits):
-        difference = (step_logits - expected[:, conversation.shape[1] - 1 + step]).abs().max().item()
-        assert difference <= ATOL, f"decode step {step}: max |difference| {difference:.3g} > {ATOL}"
+    assert_steps_match(second.logits, expected, conversation.shape[1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -446,58 +433,19 @@ def test_eager_matches_sdpa(family, method):
 # -- 5. accounting ------------------------------------------------------------------------------------------
 
 
-def _sdpa_formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch counts nothing for the CPU sdpa kernel; give it the formula torch uses for the GPU ones
-SDPA_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_formula}
-
-
-def _measure(fn) -> tuple[int, object]:
-    """FLOPs the counter attributes to the decoder stack and the LM head (not the vision tower)."""
-    counter = FlopCounterMode(display=False, custom_mapping=SDPA_CPU)
-    with torch.no_grad(), counter:
-        result = fn()
-    counts = counter.get_flop_counts()
-    language = [k for k in counts if k.endswith(".model.language_model")]
-    head = [k for k in counts if k.endswith(".lm_head")]
-    assert len(language) == 1 and len(head) == 1, sorted(counts)
-    return sum(counts[language[0]].values()) + sum(counts[head[0]].values()), result
-
-
-def _close(analytic: int, measured: int) -> None:
-    assert measured > 0
-    assert abs(analytic - measured) <= 0.02 * measured, (analytic, measured)
-
-
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flops_match_counter(family, implementation):
     model = fresh_model(family, implementation)
     inputs = make_inputs(model, BATCH_3)
-    bare, _ = _measure(lambda: model(**inputs))
-    with tc.compressed(model, tc.FastV(layer=2, keep=0.25)):
-        prefill, out = _measure(lambda: model(**inputs, use_cache=True))
-        stats = tc.stats(model)
-        _close(stats.prefill.flops, prefill)
-        _close(stats.prefill.baseline_flops, bare)
-        step = torch.full((out.logits.shape[0], 1), 9)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
+
+    def decode_positions(mask):
         # explicit ids as generate passes them: transformers 5.23 derives (B, L + 1) ids from a 2-D mask on a
-        # cached step without them, which fails on the bare model too
+        # cached step without them, which fails on the bare model too (rope_deltas: set by the prefill)
         position = generation_positions(mask)[:, -1:] + model.model.rope_deltas
-        decode_inputs = {
-            "input_ids": step,
-            "attention_mask": mask,
-            "position_ids": position[None].expand(3, -1, -1),
-            "past_key_values": out.past_key_values,
-        }
-        decode, _ = _measure(lambda: model(**decode_inputs, use_cache=True))
-        stats = tc.stats(model)
-        assert stats.last.kind == "decode"
-        _close(stats.last.flops, decode)
-    assert prefill < 0.9 * bare
+        return position[None].expand(3, -1, -1)
+
+    check_flops_match_counter(model, inputs, inputs["attention_mask"], decode_positions)
 
 
 # -- 6. bad input -------------------------------------------------------------------------------------------
@@ -533,15 +481,7 @@ def _mismatched(model, kind: str) -> dict[str, torch.Tensor]:
 def test_grid_placeholder_mismatch_raises_before_vision(family, kind):
     model = fresh_model(family)
     inputs = _mismatched(model, kind)
-    calls = []
-    model.model.visual.register_forward_pre_hook(lambda m, a: calls.append(1))
-    tc.compress(model, tc.FastV(layer=2, keep=0.5))
-    with pytest.raises(ValueError, match="placeholder"), torch.no_grad():
-        model(**inputs)
-    assert not calls, "the vision tower ran before the error"
-    with pytest.raises(ValueError, match="placeholder"), torch.no_grad():
-        model.generate(**inputs, max_new_tokens=2)
-    assert not calls
+    check_raises_before_vision(model, [model.model.visual], inputs)
 
 
 def test_inputs_follow_the_processor_layout():
