@@ -100,6 +100,15 @@ class Adapter:
         """Decoder layers that may receive such additions."""
         return []
 
+    def placeholders(self, inputs: dict[str, Any], token_id: int) -> Tensor:
+        """(B, L) bool: where `token_id` stands, from input_ids, or from inputs_embeds by that id's embedding."""
+        input_ids = inputs.get("input_ids")
+        if input_ids is not None:
+            return input_ids == token_id
+        embeds = inputs["inputs_embeds"]
+        weight = self.model.get_input_embeddings().weight[token_id]
+        return (embeds == weight.to(embeds.dtype)).all(-1)
+
     # -- attention pieces for scoring -------------------------------------------------------------------
     def attention(self, layer: int) -> nn.Module:
         return self.layers[layer].self_attn

@@ -49,12 +49,7 @@ class LlavaAdapter(Adapter):
 
     def visual_tokens(self, inputs: dict[str, Any]) -> VisualTokens | None:
         config = self.model.config
-        input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
-        if input_ids is not None:
-            placeholder = input_ids == config.image_token_id
-        else:
-            image_embedding = self.model.get_input_embeddings().weight[config.image_token_id]
-            placeholder = (embeds == image_embedding.to(embeds.dtype)).all(-1)
+        placeholder = self.placeholders(inputs, config.image_token_id)
         images_given = self.images_given(inputs)
         if images_given is None:
             return (

@@ -50,18 +50,13 @@ class LlavaNextAdapter(Adapter):
 
     def visual_tokens(self, inputs: dict[str, Any]) -> VisualTokens | None:
         config = self.model.config
-        input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
         layouts: list[tuple[Tensor, list[Tensor]]] = []  # (placeholder mask, per-media newline masks)
         for kind in ("image", "video"):
             token_id = getattr(config, f"{kind}_token_id", None)
             newlines = self._image_newlines(inputs) if kind == "image" else self._video_newlines(inputs)
             if token_id is None or newlines is None:
                 continue
-            if input_ids is not None:
-                placeholder = input_ids == token_id
-            else:
-                weight = self.model.get_input_embeddings().weight[token_id]
-                placeholder = (embeds == weight.to(embeds.dtype)).all(-1)
+            placeholder = self.placeholders(inputs, token_id)
             sizes = [len(n) for n in newlines]
             if int(placeholder.sum()) != sum(sizes):
                 raise ValueError(

@@ -38,15 +38,10 @@ class QwenVLAdapter(Adapter):
     def visual_tokens(self, inputs: dict[str, Any]) -> VisualTokens | None:
         """Which tokens are visual and which image/video each belongs to; grids are completed later."""
         config = self.model.config
-        input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
         media, lengths = [], []
         for kind, token_id in (("image", config.image_token_id), ("video", config.video_token_id)):
             sizes = self._sizes(kind, inputs)
-            if input_ids is not None:
-                placeholder = input_ids == token_id
-            else:
-                weight = self.model.get_input_embeddings().weight[token_id]
-                placeholder = (embeds == weight.to(embeds.dtype)).all(-1)
+            placeholder = self.placeholders(inputs, token_id)
             if sizes is None:
                 continue  # without pixels or features the model embeds these ids as text
             found = int(placeholder.sum())
