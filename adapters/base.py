@@ -20,6 +20,9 @@ class Adapter:
     """
 
     families: ClassVar[str]
+    positions_on_grid: ClassVar[bool] = (
+        False  # True where a visual token's position is its grid cell (M-RoPE)
+    )
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -95,6 +98,11 @@ class Adapter:
         """Features the model adds to a decoder layer's output at visual positions, {layer: (mask (B, L),
         values (n, hidden))}, removed from `text_inputs` so the engine adds them at the kept tokens instead."""
         return {}
+
+    def text_labels(self, labels: Tensor | None, text_inputs: dict[str, Any]) -> Tensor | None:
+        """The caller's labels aligned with the text model's sequence (for models that splice images inside
+        their forward, as the splice moved them); default: as given."""
+        return labels
 
     def addition_layers(self) -> list[int]:
         """Decoder layers that may receive such additions."""

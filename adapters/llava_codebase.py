@@ -34,6 +34,7 @@ class LlavaCodebaseAdapter(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.spliced: VisualTokens | None = None  # the last splice's layout, taken by the text model's hook
+        self.carried_labels: Tensor | None = None  # the last splice's labels, taken the same way
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -102,13 +103,17 @@ class LlavaCodebaseAdapter(Adapter):
                 out[-4],
             )  # (..., attention_mask, past_key_values, inputs_embeds, labels)
             self.spliced = self._layout(input_ids, arguments["attention_mask"], probe, new_mask.bool())
-            out[-1] = None if labels is None else _carry_labels(labels, probe)
+            out[-1] = self.carried_labels = None if labels is None else _carry_labels(labels, probe)
             if mask is None:
                 out[-4] = None
             return tuple(out)
 
         self.model.__dict__["prepare_inputs_labels_for_multimodal"] = splice
         return lambda: self.model.__dict__.pop("prepare_inputs_labels_for_multimodal", None)
+
+    def text_labels(self, labels: Tensor | None, text_inputs: dict[str, Any]) -> Tensor | None:
+        carried, self.carried_labels = self.carried_labels, None
+        return carried
 
     def complete_visual_tokens(
         self, tokens: VisualTokens | None, text_inputs: dict[str, Any]

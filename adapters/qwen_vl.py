@@ -23,6 +23,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 class QwenVLAdapter(Adapter):
     families = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL (Qwen2VL/Qwen2_5_VL/Qwen3VLForConditionalGeneration)"
+    positions_on_grid = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -6,12 +6,21 @@ tc.compress(model, tc.FastV(layer=2, keep=0.5))
 
 from .accounting import Stats
 from .api import compress, compressed, compressors_of, from_pretrained, save_pretrained, stats, uncompress
-from .compressors import Compressor, FastV, RandomDrop, build, register, registry
+from .compressors import DPN, Compressor, FastV, RandomDrop, StaticPyramid, build, register, registry
+from .routing import ROUTER_TOKEN, add_routing_token, with_routing_token
+from .view import Merge, VisualView
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPN",
+    "ROUTER_TOKEN",
     "Compressor",
+    "Merge",
+    "StaticPyramid",
+    "VisualView",
+    "add_routing_token",
+    "with_routing_token",
     "FastV",
     "RandomDrop",
     "Stats",

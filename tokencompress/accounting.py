@@ -81,13 +81,21 @@ class ForwardStats:
     past: int
     layers: list[LayerStats] = field(default_factory=list)
     scoring_flops: int = 0
+    extra_flops: int = 0  # compressors' own matrix work (routers)
     lm_head_flops: int = 0
     baseline_lm_head_flops: int = 0
     baseline_layer_flops: int = 0
+    decisions: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # per acting layer, e.g. experts
+    routing_loss: Tensor | None = None
 
     @property
     def flops(self) -> int:
-        return sum(layer.flops for layer in self.layers) + self.scoring_flops + self.lm_head_flops
+        return (
+            sum(layer.flops for layer in self.layers)
+            + self.scoring_flops
+            + self.extra_flops
+            + self.lm_head_flops
+        )
 
     @property
     def baseline_flops(self) -> int:

@@ -6,7 +6,9 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .accounting import Stats
@@ -15,6 +17,7 @@ from .engine.runtime import SUPPORTED_ATTENTION, Engine
 
 ATTRIBUTE = "_tokencompress_engine"
 CONFIG_NAME = "tokencompress_config.json"
+WEIGHTS_NAME = "tokencompress_weights.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -23,6 +26,14 @@ def compress(model: nn.Module, compressors: Compressor | Sequence[Compressor]) -
 
     Everything is validated before anything is attached, so a failed call leaves the model untouched.
     """
+    adapter, pipeline = _prepare(model, compressors)
+    return _attach(model, adapter, pipeline)
+
+
+def _prepare(
+    model: nn.Module, compressors: Compressor | Sequence[Compressor]
+) -> tuple[Any, list[Compressor]]:
+    """Validate the pipeline against the model and bind it (build routers); touches nothing on the model."""
     from tokencompress.adapters import find_adapter
 
     if isinstance(compressors, Compressor):
@@ -54,12 +65,23 @@ def compress(model: nn.Module, compressors: Compressor | Sequence[Compressor]) -
     by_layer: dict[int, Compressor] = {}
     for item in pipeline:
         item.check_model(num_layers)
-        if item.layer in by_layer:
-            raise ValueError(
-                f"{type(by_layer[item.layer]).__name__} and {type(item).__name__} both act before layer "
-                f"{item.layer}; a pipeline allows one compressor per layer"
-            )
-        by_layer[item.layer] = item
+        for layer in item.acting_layers():
+            if layer in by_layer:
+                raise ValueError(
+                    f"{type(by_layer[layer]).__name__} and {type(item).__name__} both act before layer "
+                    f"{layer}; a pipeline allows one compressor per layer"
+                )
+            by_layer[layer] = item
+    tokens = {item.routing_token() for item in pipeline} - {None}
+    if len(tokens) > 1:
+        raise ValueError(f"the pipeline's compressors route by different tokens {sorted(tokens)}; use one")
+    reference = next(adapter.language_model.parameters())
+    for item in pipeline:
+        item.bind(adapter.shape(), reference)
+    return adapter, pipeline
+
+
+def _attach(model: nn.Module, adapter: Any, pipeline: list[Compressor]) -> nn.Module:
     engine = Engine(model, adapter, pipeline)
     engine.attach()
     object.__setattr__(model, ATTRIBUTE, engine)
@@ -95,16 +117,28 @@ def compressors_of(model: nn.Module) -> list[Compressor]:
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the pipeline's configuration as JSON (and, for trainable compressors, their weights)."""
+    """Write the pipeline's configuration as JSON and the weights of its trainable compressors (routers) as
+    safetensors, keyed by the compressor's place in the pipeline."""
     engine = _engine(model)
     os.makedirs(directory, exist_ok=True)
     config = {"format_version": FORMAT_VERSION, "compressors": [c.to_dict() for c in engine.compressors]}
     with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
         json.dump(config, handle, indent=2)
+    weights = {
+        f"{place}.{key}": value.detach().contiguous()
+        for place, item in enumerate(engine.compressors)
+        if isinstance(item, nn.Module)
+        for key, value in item.state_dict().items()
+    }
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if weights:
+        save_file(weights, path)
+    elif os.path.exists(path):
+        os.remove(path)  # a stale file from an earlier pipeline would be loaded with this one
 
 
 def from_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Re-apply a saved pipeline to a freshly loaded base model."""
+    """Re-apply a saved pipeline, with its trained weights, to a freshly loaded base model."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!s}; was it written by tc.save_pretrained?")
@@ -114,7 +148,18 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Module
         raise ValueError(
             f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
-    return compress(model, [Compressor.from_dict(item) for item in config["compressors"]])
+    adapter, pipeline = _prepare(model, [Compressor.from_dict(item) for item in config["compressors"]])
+    trainable = {place: item for place, item in enumerate(pipeline) if isinstance(item, nn.Module)}
+    if trainable:
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"{directory!s} has trainable compressors but no {WEIGHTS_NAME}")
+        device = next(adapter.language_model.parameters()).device
+        weights = load_file(weights_path, device=str(device))
+        for place, item in trainable.items():
+            prefix = f"{place}."
+            item.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    return _attach(model, adapter, pipeline)
 
 
 def _engine(model: nn.Module) -> Engine:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -39,8 +40,10 @@ class VisualView:
     """The tokens entering decoder layer `layer`, one column per slot of the current (maybe shortened) sequence.
 
     is_visual marks the visual tokens a compressor may act on (real, unpadded slots only); image_index,
-    grid_row, grid_col and position_ids follow VisualTokens; scores (B, n) holds the attention each slot received
-    at the compressor's scoring layer, when it asked for them.
+    grid_row, grid_col and grid_shape describe the grids as they are now (after any earlier pooling, a pooled
+    token sits on the pooled grid); position is each slot's logical input position; scores (B, n) holds the
+    attention each slot received at the compressor's scoring layer, when it asked for them; routing (B,) is the
+    column of each sample's routing token (the `<ROUTER>` token or the last prompt token).
     """
 
     layer: int
@@ -50,7 +53,35 @@ class VisualView:
     grid_row: Tensor
     grid_col: Tensor
     position: Tensor
+    grid_shape: list[list[tuple[int, int]]]
+    routing: Tensor
     scores: Tensor | None = None
 
     def counts(self) -> Tensor:
         return self.is_visual.sum(1)
+
+    def routing_states(self) -> Tensor:
+        """(B, hidden) hidden state of each sample's routing token."""
+        return self.hidden_states[torch.arange(len(self.routing), device=self.routing.device), self.routing]
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A compressor's decision to replace groups of visual slots by one new token each (pooling, merging).
+
+    group: (B, n) long, the group of each visual slot, numbered 0..G_b-1 per sample; -1 drops the slot.
+    values: (B, G, hidden) the new token of each group (rows past a sample's own G_b are ignored).
+    image_index, grid_row, grid_col: (B, G) where each new token sits; grid_shape: per sample, per grid, the
+    grid's (rows, cols) after the merge. info: per-sample tensors the engine reports in the forward's stats
+    (e.g. the expert each sample chose); aux_loss: a scalar added to the training loss, or None.
+    """
+
+    group: Tensor
+    values: Tensor
+    image_index: Tensor
+    grid_row: Tensor
+    grid_col: Tensor
+    grid_shape: list[list[tuple[int, int]]]
+    info: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+    extra_flops: int = 0

@@ -2,7 +2,19 @@
 @register("name"), imported here."""
 
 from .base import Compressor, TokenDropper, build, register, registry
+from .dpn import DPN
 from .fastv import FastV
+from .pyramid import StaticPyramid
 from .random_drop import RandomDrop
 
-__all__ = ["Compressor", "TokenDropper", "FastV", "RandomDrop", "build", "register", "registry"]
+__all__ = [
+    "DPN",
+    "Compressor",
+    "FastV",
+    "RandomDrop",
+    "StaticPyramid",
+    "TokenDropper",
+    "build",
+    "register",
+    "registry",
+]

@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..accounting import DecoderShape
 from ..ops import keep_counts, top_k_mask
-from ..view import VisualView
+from ..view import Merge, VisualTokens, VisualView
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
@@ -42,9 +43,10 @@ def build(name: str, **params: Any) -> Compressor:
 class Compressor:
     """A method's configuration and its decision rule; no architecture knowledge.
 
-    The engine calls `check_model` at compress time, `check_inputs` at the start of each forward (before any
-    work), and `select` on the visual-token view before decoder layer `layer`. A method that needs attention
-    scores names the layer in `scoring_layer`; the engine recomputes them there and passes them in the view.
+    The engine calls `check_model` and `bind` at compress time, `check_inputs` at the start of each forward
+    (before any work), and `select` on the visual-token view before each of its `acting_layers`. A method that
+    needs attention scores names the layer in `scoring_layer`; the engine recomputes them there and passes them
+    in the view. `select` returns a keep mask (drop the rest) or a `Merge` (replace groups by one token each).
     """
 
     name: ClassVar[str]
@@ -57,7 +59,19 @@ class Compressor:
                 f"allowed 1..{num_layers - 1} (the model has {num_layers} decoder layers)"
             )
 
-    def check_inputs(self, visual_counts: Tensor) -> None:
+    def acting_layers(self) -> list[int]:
+        """The decoder layers before which this compressor acts (valid after `check_model`)."""
+        return [self.layer]
+
+    def bind(self, shape: DecoderShape, reference: Tensor) -> None:
+        """Build what depends on the model (e.g. routers sized to its hidden width, on the device and dtype of
+        `reference`, one of its parameters). Default: nothing."""
+
+    def routing_token(self) -> int | None:
+        """The token id whose hidden state routes this compressor's choices, or None for the last prompt token."""
+        return None
+
+    def check_inputs(self, tokens: VisualTokens) -> None:
         """Raise if this forward's inputs cannot be compressed by this configuration."""
 
     def scoring_layer(self) -> int | None:
@@ -67,8 +81,8 @@ class Compressor:
     def scoring_query(self) -> str:
         return "last"
 
-    def select(self, view: VisualView) -> Tensor:
-        """(B, n) bool: which visual slots to keep. Non-visual slots are always kept by the engine."""
+    def select(self, view: VisualView) -> Tensor | Merge:
+        """(B, n) bool: which visual slots to keep (non-visual slots are always kept by the engine), or a Merge."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,7 +122,8 @@ class TokenDropper(Compressor):
     layer: int
     keep: float | int
 
-    def check_inputs(self, visual_counts: Tensor) -> None:
+    def check_inputs(self, tokens: VisualTokens) -> None:
+        visual_counts = tokens.counts()
         if isinstance(self.keep, int) and bool((visual_counts > 0).any()):
             smallest = int(visual_counts[visual_counts > 0].min())
             if self.keep > smallest:

@@ -19,12 +19,15 @@ from torch import Tensor, nn
 from ..accounting import ForwardStats, LayerStats, Stats
 from ..compressors.base import Compressor
 from ..ops import gather_rows
-from ..view import VisualTokens, VisualView
+from ..view import Merge, VisualTokens, VisualView
 from .masks import allowed_keys, to_implementation
+from .merging import apply_merge
 from .scoring import attention_received, query_rows, scoring_flops
 from .slots import CacheBook, KeyRecord, Slots
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+MODULES_NAME = "tokencompress_modules"  # where trainable compressors sit in a compressed model
+IGNORE_INDEX = -100
 
 
 @dataclass(eq=False)
@@ -49,6 +52,8 @@ class ForwardState:
     captured: dict[int, dict[str, Any]] = field(default_factory=dict)
     additions: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     scores: dict[int, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+    routing: Tensor | None = None  # (B,) input position of each sample's routing token
 
     @property
     def has_visual(self) -> bool:
@@ -58,9 +63,6 @@ class ForwardState:
         """(B, n) real, unpadded slots of the current sequence."""
         return self.slots.real & self.key_ok[:, self.past :].gather(1, self.slots.index)
 
-    def at_slots(self, per_token: Tensor) -> Tensor:
-        return per_token.gather(1, self.slots.index)
-
 
 class Engine:
     """Hooks one model; `detach` removes every trace."""
@@ -69,7 +71,11 @@ class Engine:
         self.model = model
         self.adapter = adapter
         self.compressors = sorted(compressors, key=lambda c: c.layer)
-        self.acting = {c.layer: c for c in self.compressors}
+        self.acting = {layer: c for c in self.compressors for layer in c.acting_layers()}
+        self.trainable = [c for c in self.compressors if isinstance(c, nn.Module)]
+        self.routing_token = next(
+            (c.routing_token() for c in compressors if c.routing_token() is not None), None
+        )
         self.scoring: dict[int, list[Compressor]] = {}
         for compressor in self.compressors:
             if compressor.scoring_layer() is not None:
@@ -84,11 +90,15 @@ class Engine:
         self.last_stats: ForwardStats | None = None
         self.last_book: CacheBook | None = None
         self.kv_element_size = 0
+        self.pending_labels: Tensor | None = None
+        self.pending_loss: Tensor | None = None
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def attach(self) -> None:
         adapter = self.adapter
         try:
+            self._hook_pre(self.model, self._on_call)
+            self.handles.append(self.model.register_forward_hook(self._on_output, with_kwargs=True))
             self._hook_pre(adapter.multimodal_model, self._on_multimodal)
             self._hook_pre(adapter.language_model, self._on_text)
             for index, layer in enumerate(adapter.layers):
@@ -111,6 +121,11 @@ class Engine:
             self.handles.append(adapter.final_norm.register_forward_pre_hook(self._on_final_norm))
             self.handles.append(adapter.lm_head.register_forward_hook(self._on_lm_head))
             self.undo.append(adapter.install())
+            if (
+                self.trainable
+            ):  # routers become model parameters: model.to(), train(), Trainer's optimizer see them
+                self.model.add_module(MODULES_NAME, nn.ModuleList(self.trainable))
+                self.undo.append(lambda: delattr(self.model, MODULES_NAME))
         except Exception:
             self.detach()
             raise
@@ -145,13 +160,38 @@ class Engine:
     def _check_inputs(self, inputs: dict[str, Any]) -> VisualTokens | None:
         tokens = self.adapter.visual_tokens(inputs)
         if tokens is not None:
-            counts = tokens.counts()
             for compressor in self.compressors:
-                compressor.check_inputs(counts)
+                compressor.check_inputs(tokens)
+            input_ids = inputs.get("input_ids")
+            if self.routing_token is not None and isinstance(input_ids, Tensor) and input_ids.dim() == 2:
+                self._check_routing_token(input_ids == self.routing_token, tokens.counts() > 0)
         return tokens
+
+    def _check_routing_token(self, found: Tensor, with_images: Tensor) -> None:
+        missing = with_images & ~found.any(1)
+        if bool(missing.any()):
+            raise ValueError(
+                f"samples {missing.nonzero()[:, 0].tolist()} have images but no routing token (id "
+                f"{self.routing_token}) in their prompt; add it after the question (tokencompress.add_routing_token "
+                "and with_routing_token do both), or build the compressor with routing_token_id=None to route by "
+                "the last prompt token"
+            )
 
     def _hook_pre(self, module: nn.Module, fn: Any) -> None:
         self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.pending_labels = kwargs.get("labels")
+        self.pending_loss = None
+
+    def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Report the routing loss on the outputs, and add it to the loss when labels were given."""
+        loss, self.pending_loss = self.pending_loss, None
+        if loss is None or not isinstance(output, dict):
+            return
+        output["routing_loss"] = loss
+        if kwargs.get("labels") is not None and output.get("loss") is not None:
+            output["loss"] = output["loss"] + loss.to(output["loss"].dtype)
 
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         inputs = dict(kwargs)
@@ -192,12 +232,32 @@ class Engine:
             length=length,
             device=device,
             padding_mask=padding_mask,
-            slots=Slots.full(batch, length, device),
+            slots=Slots.full(batch, length, device, tokens),
             stats=ForwardStats(kind=kind, batch=batch, length=length, past=0),
             implementation=implementation,
             additions=additions,
         )
+        if tokens is not None:
+            self.fwd.routing = self._routing_positions(self.fwd, kwargs)
         return args, kwargs
+
+    def _routing_positions(self, fwd: ForwardState, text_inputs: dict[str, Any]) -> Tensor:
+        """(B,) each sample's routing token: the last routing-token id if the pipeline names one, else the last
+        prompt token (the one before the first supervised label when labels are given, else the last real one)."""
+        arange = torch.arange(fwd.length, device=fwd.device).expand(fwd.batch, -1)
+        if self.routing_token is not None:
+            found = self.adapter.placeholders(text_inputs, self.routing_token)
+            self._check_routing_token(found, fwd.tokens.counts() > 0)
+            return torch.where(found, arange, -1).amax(1).clamp(min=0)
+        real = torch.ones_like(arange, dtype=torch.bool)
+        if fwd.padding_mask is not None:
+            real = fwd.padding_mask[:, -fwd.length :].bool()
+        last_real = torch.where(real, arange, -1).amax(1).clamp(min=0)
+        labels = self.adapter.text_labels(self.pending_labels, text_inputs)
+        if labels is None or tuple(labels.shape) != (fwd.batch, fwd.length):
+            return last_real
+        first_label = torch.where((labels != IGNORE_INDEX) & real, arange, fwd.length).amin(1)
+        return torch.where(first_label < fwd.length, (first_label - 1).clamp(min=0), last_real)
 
     def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         fwd = self.fwd
@@ -282,7 +342,7 @@ class Engine:
         cos, sin = captured["rotary"]
         record = fwd.records_before[index]
         chunk_ok = fwd.chunk_ok()
-        is_visual = fwd.at_slots(fwd.tokens.is_visual) & chunk_ok
+        is_visual = fwd.slots.is_visual & chunk_ok
         order = fwd.slots.index + fwd.past
         keys = self.adapter.keys(index, captured["keys"], cos, sin)
         if captured["cache_keys"] is not None:
@@ -309,27 +369,38 @@ class Engine:
 
     # -- sequence surgery -----------------------------------------------------------------------------------
     def _compress(self, fwd: ForwardState, compressor: Compressor, index: int, hidden: Tensor) -> Tensor:
-        tokens, slots = fwd.tokens, fwd.slots
+        slots = fwd.slots
         chunk_ok = fwd.chunk_ok()
-        image_index = fwd.at_slots(tokens.image_index)
-        is_visual = (image_index >= 0) & chunk_ok
+        is_visual = slots.is_visual & chunk_ok
         scores = fwd.scores.pop(id(compressor), None)
         if compressor.scoring_layer() is not None and scores is None:
             raise RuntimeError(f"{type(compressor).__name__}: no scores were computed at its scoring layer")
+        routing = ((slots.index == fwd.routing[:, None]) & slots.real).int().argmax(1)
         view = VisualView(
             layer=index,
             hidden_states=hidden,
             is_visual=is_visual,
-            image_index=image_index,
-            grid_row=fwd.at_slots(tokens.grid_row),
-            grid_col=fwd.at_slots(tokens.grid_col),
+            image_index=torch.where(is_visual, slots.image_index, -1),
+            grid_row=slots.grid_row,
+            grid_col=slots.grid_col,
             position=slots.index + fwd.past,
+            grid_shape=slots.grid_shape,
+            routing=routing,
             scores=scores,
         )
-        keep = chunk_ok & (~is_visual | compressor.select(view))
+        decision = compressor.select(view)
         fwd.full_hidden = hidden if fwd.full_hidden is None else self._restore(fwd.full_hidden, slots, hidden)
-        fwd.slots, columns = slots.select(keep)
         fwd.memo.clear()
+        if isinstance(decision, Merge):
+            fwd.stats.decisions[index] = {key: value.detach() for key, value in decision.info.items()}
+            fwd.stats.extra_flops += decision.extra_flops
+            if decision.aux_loss is not None:
+                fwd.aux_loss = decision.aux_loss if fwd.aux_loss is None else fwd.aux_loss + decision.aux_loss
+            fwd.slots, hidden = apply_merge(
+                slots, hidden, decision, chunk_ok, fwd.tokens, self.adapter.positions_on_grid
+            )
+            return hidden
+        fwd.slots, columns = slots.select(chunk_ok & (~is_visual | decision))
         return gather_rows(hidden, columns)
 
     @staticmethod
@@ -341,12 +412,12 @@ class Engine:
     def _rotary(self, fwd: ForwardState, rotary: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         key = ("rotary", id(fwd.slots))
         if key not in fwd.memo:
-            fwd.memo[key] = tuple(gather_rows(part, fwd.slots.index) for part in rotary)
+            fwd.memo[key] = tuple(gather_rows(part, fwd.slots.anchor) for part in rotary)
         return fwd.memo[key]
 
     def _positions(self, fwd: ForwardState, position_ids: Tensor) -> Tensor:
         """Gather position ids along the sequence (last) dim: (B|1, L) or (k, B|1, L) for multi-axis RoPE."""
-        index = fwd.slots.index
+        index = fwd.slots.anchor
         if position_ids.dim() == 2:
             return position_ids.expand(fwd.batch, -1).gather(1, index)
         return position_ids.expand(-1, fwd.batch, -1).gather(2, index.expand(position_ids.shape[0], -1, -1))
@@ -427,7 +498,7 @@ class Engine:
         key = ("count", id(slots))
         if key not in fwd.memo:  # layers between two compressions share one layout
             ok = fwd.chunk_ok()
-            visual = fwd.at_slots(fwd.tokens.is_visual) & ok if fwd.has_visual else torch.zeros_like(ok)
+            visual = fwd.slots.is_visual & ok
             fwd.memo[key] = (torch.where(ok, slots.index, -1), visual)
         positions, visual = fwd.memo[key]
         fwd.stats.layers.append(
@@ -444,6 +515,9 @@ class Engine:
 
     def _finish(self, fwd: ForwardState) -> None:
         self.last_stats = fwd.stats
+        if fwd.aux_loss is not None:
+            fwd.stats.routing_loss = fwd.aux_loss.detach()
+            self.pending_loss = fwd.aux_loss
         if fwd.stats.kind == "prefill":
             self.prefill_stats = fwd.stats
 
@@ -459,4 +533,5 @@ class Engine:
             kv_cache_bytes=sum(shape.kv_bytes(batch, n, size) for n in entries),
             kv_cache_bytes_uncompressed=shape.kv_bytes(batch, logical, size) * len(entries),
             kv_cache_entries=entries,
+            routing_loss=self.prefill_stats.routing_loss if self.prefill_stats is not None else None,
         )

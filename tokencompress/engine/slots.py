@@ -8,30 +8,53 @@ import torch
 from torch import Tensor
 
 from ..ops import compact_columns
+from ..view import VisualTokens
 
 
 @dataclass(eq=False)
 class Slots:
     """The tokens in the current hidden states: one row per sample, one column per slot.
 
-    index: (B, n) position of each slot's token in this forward's input (0..L-1).
-    real:  (B, n) False for filler slots that only pad rows of a ragged batch up to a common length.
-    plain: True while the sequence is the unmodified input (index == arange(L), every slot real).
+    index:  (B, n) each slot's logical position: the input position (0..L-1) of its token, or for a pooled token
+            the first input position of its group. Slots are in increasing index order.
+    real:   (B, n) False for filler slots that only pad rows of a ragged batch up to a common length.
+    anchor: (B, n) the input position whose rotary embedding (and position id) the slot uses: its own for an
+            input token, the adapter's choice for a pooled one (the mean position of its group, rounded down).
+    image_index, grid_row, grid_col, grid_shape: the grid of each slot as it is now (see VisualTokens).
+    plain:  True while the sequence is the unmodified input (index == arange(L), every slot real).
     """
 
     index: Tensor
     real: Tensor
+    anchor: Tensor
+    image_index: Tensor
+    grid_row: Tensor
+    grid_col: Tensor
+    grid_shape: list[list[tuple[int, int]]]
     plain: bool = False
 
     @classmethod
-    def full(cls, batch: int, length: int, device: torch.device) -> Slots:
+    def full(cls, batch: int, length: int, device: torch.device, tokens: VisualTokens | None) -> Slots:
         index = torch.arange(length, device=device).expand(batch, length)
-        return cls(index, torch.ones(batch, length, dtype=torch.bool, device=device), plain=True)
+        if tokens is None:
+            none = torch.full((batch, length), -1, dtype=torch.long, device=device)
+            grids: tuple[Tensor, Tensor, Tensor] = (none, none, none)
+            shapes: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
+        else:
+            grids, shapes = (tokens.image_index, tokens.grid_row, tokens.grid_col), tokens.grid_shape
+        real = torch.ones(batch, length, dtype=torch.bool, device=device)
+        return cls(index, real, index, *grids, shapes, plain=True)
+
+    @property
+    def is_visual(self) -> Tensor:
+        return self.image_index >= 0
 
     def select(self, keep: Tensor) -> tuple[Slots, Tensor]:
         """Keep the slots marked in `keep` (B, n), in order. Returns the new slots and the gathered columns."""
         columns, real = compact_columns(keep & self.real)
-        return Slots(self.index.gather(1, columns), real), columns
+        fields = (self.index, self.anchor, self.image_index, self.grid_row, self.grid_col)
+        index, anchor, image_index, row, col = (t.gather(1, columns) for t in fields)
+        return Slots(index, real, anchor, image_index, row, col, self.grid_shape), columns
 
     def __len__(self) -> int:
         return self.index.shape[1]
