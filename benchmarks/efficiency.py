@@ -1,10 +1,15 @@
-"""Efficiency benchmark: realized prefill / decode speedups and memory of FastV against analytic FLOPs.
+"""Efficiency benchmark: realized prefill / decode speedups and memory of compression methods vs analytic FLOPs.
 
-Compares, on a random LLaVA-shaped model built with `tokencompress.tiny.tiny_llava`:
+Compares, on a random LLaVA- or Qwen-VL-shaped model built with `tokencompress.tiny` / `tokencompress.tiny_qwen`,
+named settings, each a pipeline factory (None for the bare model):
 
-  bare            the model as loaded, no hooks
-  noop            FastV(layer=K, keep=1.0): every hook active, nothing dropped (the engine's own overhead)
-  fastv@K x.xx    FastV(layer=K, keep=x.xx) for each --keeps ratio
+  bare                  the model as loaded, no hooks
+  noop                  FastV(layer=K, keep=1.0): every hook active, nothing dropped (the engine's own overhead)
+  fastv@K x.xx          FastV(layer=K, keep=x.xx) for each --keeps ratio
+  pyramid RxC[,...]     StaticPyramid(kernels=..., pooling="avg") for each --pyramid argument: DPN's pyramid with
+                        fixed kernels (one for all stages, or a comma list with one per stage)
+  fastv@K =pyramid ...  for each pyramid setting, FastV(layer=K) at the same analytic prefill FLOPs: its keep
+                        (a token count) is found by bisection on tc.stats FLOPs of probe forwards, within 1%
 
 Timing follows the project's notes on CPU timing: single-threaded by default,
 the settings' runs interleaved round robin on one model (compress / uncompress between runs, outside the timed
@@ -16,6 +21,7 @@ Run from the repository root:
 
     python -m benchmarks.efficiency            # full size (minutes; keep the machine otherwise idle)
     python -m benchmarks.efficiency --quick    # tiny sizes, a smoke run in seconds
+    python -m benchmarks.efficiency --pyramid 2x2 --keeps 0.5   # static pyramid vs FastV at equal FLOPs
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 import torch
 
 import tokencompress as tc
+from tokencompress.compressors.pyramid import depth_schedule
 from tokencompress.tiny import tiny_llava, tiny_llava_inputs
 from tokencompress.tiny_qwen import FAMILIES as QWEN_FAMILIES
 from tokencompress.tiny_qwen import tiny_qwen_inputs, tiny_qwen_vl
@@ -49,6 +56,8 @@ MiB = 2**20
 TARGET_KEEP = 0.25
 TARGET_REALIZED_OVER_ANALYTIC = 0.95
 TARGET_NOOP_OVERHEAD = 0.02
+# A FastV setting matched to a pyramid must land within this relative distance of its analytic prefill FLOPs.
+MATCH_TOLERANCE = 0.01
 
 QUICK = {
     "hidden": 128,
@@ -86,16 +95,69 @@ RSS_METHOD = (
 )
 
 
+Pipeline = Callable[[], list[tc.Compressor]]
+
+
 @dataclass
 class Setting:
+    """A named pipeline factory (None: the bare model) and what the report records about it."""
+
     name: str
-    keep: float | None  # None: bare model
-    layer: int = 2
+    factory: Pipeline | None  # a fresh pipeline for every tc.compress
+    method: str = "bare"  # bare | noop | fastv | pyramid | fastv=pyramid (FastV matched to a pyramid's FLOPs)
+    keep: float | None = None  # FastV: the ratio (for a matched setting, kept tokens / visual tokens)
+    layer: int | None = None  # FastV's layer
+    kernels: tuple[tuple[int, int], ...] | None = None  # pyramid: one kernel for all stages, or one per stage
+    after_layers: tuple[int, ...] | None = None  # pyramid: explicit schedule (None: the library's default)
+    matches: str | None = None  # fastv=pyramid: the name of the pyramid setting it matches
+    match: dict[str, Any] | None = None  # fastv=pyramid: what the bisection found (keep count, FLOPs, mismatch)
+
+    @property
+    def compressed(self) -> bool:
+        return self.factory is not None
 
     def pipeline(self) -> list[tc.Compressor] | None:
-        if self.keep is None:
+        if self.factory is None:
+            if self.method == "fastv=pyramid":
+                raise RuntimeError(f"{self.name}: its keep is found by match_flops first")
             return None
-        return [tc.FastV(layer=self.layer, keep=self.keep)]
+        return self.factory()
+
+    def set_keep_count(self, count: int, visual: int) -> None:
+        """A matched FastV setting: keep `count` visual tokens per sample (an int keep: exact, no rounding)."""
+        layer = self.layer
+        self.factory = lambda: [tc.FastV(layer=layer, keep=count)]
+        self.keep = count / visual
+
+
+def fastv_setting(name: str, layer: int, keep: float, method: str = "fastv") -> Setting:
+    return Setting(name, lambda: [tc.FastV(layer=layer, keep=keep)], method, keep=keep, layer=layer)
+
+
+def pyramid_setting(kernels: tuple[tuple[int, int], ...], after_layers: tuple[int, ...] | None) -> Setting:
+    def factory() -> list[tc.Compressor]:
+        return [tc.StaticPyramid(after_layers=after_layers, kernels=kernels, pooling="avg")]
+
+    return Setting(
+        f"pyramid {format_kernels(kernels)}", factory, "pyramid", kernels=kernels, after_layers=after_layers
+    )
+
+
+def parse_kernels(text: str) -> tuple[tuple[int, int], ...]:
+    """'2x2' -> ((2, 2),); '1x2,2x2,2x2' -> one (rows, cols) kernel per stage."""
+    kernels = []
+    for part in text.split(","):
+        rows, sep, cols = part.strip().lower().partition("x")
+        if not sep or not rows.isdigit() or not cols.isdigit() or int(rows) < 1 or int(cols) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a pyramid is ROWSxCOLS (e.g. 2x2) or a comma list, one per stage (e.g. 1x2,2x2,2x2)"
+            )
+        kernels.append((int(rows), int(cols)))
+    return tuple(kernels)
+
+
+def format_kernels(kernels: Sequence[tuple[int, int]]) -> str:
+    return ",".join(f"{r}x{c}" for r, c in kernels)
 
 
 @dataclass
@@ -109,7 +171,8 @@ class Measurements:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.efficiency",
-        description="Realized vs analytic efficiency of FastV on a random LLaVA-shaped model.",
+        description="Realized vs analytic efficiency of FastV and of static pooling pyramids (DPN without its "
+        "routers) on a random LLaVA- or Qwen-VL-shaped model.",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
@@ -144,6 +207,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--fastv-layer", type=int, default=2)
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    parser.add_argument(
+        "--pyramid",
+        type=parse_kernels,
+        nargs="+",
+        default=[],
+        metavar="KERNELS",
+        help="static pyramid settings (StaticPyramid, avg pooling), each ROWSxCOLS for every stage or a comma list "
+        "with one kernel per stage, e.g. --pyramid 2x2 1x2,2x2,2x2; each also gets a FastV setting at equal "
+        "analytic prefill FLOPs",
+    )
+    parser.add_argument(
+        "--pyramid-after",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="LAYER",
+        help="pool after these decoder layers (default: the library's schedule, floor(L k / 4) - 1 for k = 1..3; "
+        "with 8 layers after 1, 3, 5)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--rss",
@@ -157,6 +239,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="tiny sizes and few repeats: a smoke run in seconds (explicit size flags still apply)",
     )
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child-keep", type=int, default=None, help=argparse.SUPPRESS)
     if parser.parse_known_args(argv)[0].quick:  # --quick changes the defaults; explicit flags still win
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
@@ -168,13 +251,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats and --decode-steps must be at least 1")
     if not 1 <= args.fastv_layer < args.layers:
         parser.error(f"--fastv-layer must be in [1, {args.layers - 1}]")
+    if args.pyramid_after is not None:
+        after = args.pyramid_after
+        if any(b <= a for a, b in zip(after, after[1:])) or after[0] < 0 or after[-1] > args.layers - 2:
+            parser.error(f"--pyramid-after must be increasing layers in [0, {args.layers - 2}], got {after}")
+    if args.pyramid:
+        if args.layers < 2:
+            parser.error("--pyramid needs at least 2 layers")
+        stages = len(args.pyramid_after) if args.pyramid_after is not None else len(depth_schedule(args.layers))
+        for kernels in args.pyramid:
+            if len(kernels) not in (1, stages):
+                parser.error(
+                    f"--pyramid {format_kernels(kernels)}: {len(kernels)} kernels for {stages} stages; give one "
+                    "kernel for all stages or one per stage"
+                )
     return args
 
 
 def make_settings(args: argparse.Namespace) -> list[Setting]:
-    settings = [Setting("bare", None), Setting("noop", 1.0, args.fastv_layer)]
+    """bare and noop first (the targets read them there), then FastV per --keeps, then each pyramid followed
+    by its FLOPs-matched FastV (whose keep match_flops finds once the model is built)."""
+    layer = args.fastv_layer
+    settings = [Setting("bare", None), fastv_setting("noop", layer, 1.0, method="noop")]
     for keep in args.keeps:
-        settings.append(Setting(f"fastv@{args.fastv_layer} {keep:.2f}", keep, args.fastv_layer))
+        settings.append(fastv_setting(f"fastv@{layer} {keep:.2f}", layer, keep))
+    after = tuple(args.pyramid_after) if args.pyramid_after is not None else None
+    for kernels in args.pyramid:
+        pyramid = pyramid_setting(kernels, after)
+        matched = Setting(f"fastv@{layer} ={pyramid.name}", None, "fastv=pyramid", layer=layer, matches=pyramid.name)
+        settings += [pyramid, matched]
+    names = [s.name for s in settings]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SystemExit(f"settings given twice: {duplicates}")
     return settings
 
 
@@ -236,7 +345,7 @@ class Switcher:
         self.current: Setting | None = None
 
     def to(self, setting: Setting) -> None:
-        if self.current is not None and self.current.keep is not None:
+        if self.current is not None and self.current.compressed:
             tc.uncompress(self.model)
         pipeline = setting.pipeline()
         if pipeline is not None:

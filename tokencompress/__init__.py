@@ -5,7 +5,16 @@ tc.compress(model, tc.FastV(layer=2, keep=0.5))
 """
 
 from .accounting import Stats
-from .api import compress, compressed, compressors_of, from_pretrained, save_pretrained, stats, uncompress
+from .api import (
+    compress,
+    compressed,
+    compressor_parameters,
+    compressors_of,
+    from_pretrained,
+    save_pretrained,
+    stats,
+    uncompress,
+)
 from .compressors import DPN, Compressor, FastV, RandomDrop, StaticPyramid, build, register, registry
 from .routing import ROUTER_TOKEN, add_routing_token, with_routing_token
 from .view import Merge, VisualView
@@ -27,6 +36,7 @@ __all__ = [
     "build",
     "compress",
     "compressed",
+    "compressor_parameters",
     "compressors_of",
     "from_pretrained",
     "register",

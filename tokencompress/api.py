@@ -116,6 +116,13 @@ def compressors_of(model: nn.Module) -> list[Compressor]:
     return list(_engine(model).compressors)
 
 
+def compressor_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of a compressed model's pipeline (e.g. DPN's routers), to train them alone."""
+    return [
+        p for item in _engine(model).compressors if isinstance(item, nn.Module) for p in item.parameters()
+    ]
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the pipeline's configuration as JSON and the weights of its trainable compressors (routers) as
     safetensors, keyed by the compressor's place in the pipeline."""

@@ -15,7 +15,8 @@ class VisualTokens:
     image_index: (B, L) long, the grid each token belongs to (an image, a sub-image such as an any-res base
         view or crop grid, or a video frame), numbered per sample in sequence order; -1 for text.
     grid_row, grid_col: (B, L) long, the token's cell on its grid, -1 off the grid (text, CLS).
-    grid_shape: per sample, per grid, (rows, cols).
+    grid_shape: per sample, per grid, (rows, cols); an empty list where the adapter completes the grids later
+        from the text model's inputs (`complete_visual_tokens`).
     structural: (B, L) bool or None, tokens the image carries that are not content (any-res row newlines):
         compressors never see them as visual and the engine always keeps them, like text.
     """

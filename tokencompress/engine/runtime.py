@@ -206,10 +206,6 @@ class Engine:
                 f"tokencompress runs under attention implementations {SUPPORTED_ATTENTION}; this model now uses "
                 f"{implementation!r}"
             )
-        if getattr(module, "gradient_checkpointing", False) and module.training:
-            raise ValueError(
-                "tokencompress does not yet support gradient checkpointing (layers would re-run hooks)"
-            )
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         batch, length = embeds.shape[:2] if embeds is not None else ids.shape[:2]
@@ -334,6 +330,7 @@ class Engine:
         if fwd is not None and index in fwd.captured:
             fwd.captured[index]["keys"] = output
 
+    @torch.no_grad()  # scores choose tokens and carry no gradient; inside a checkpointed layer they save nothing
     def _score(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         fwd = self.fwd
         if fwd is None or index not in fwd.captured:
