@@ -488,6 +488,8 @@ def rss_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, inputs = build(args)
     setting = next(s for s in make_settings(args) if s.name == args.rss_child)
+    if setting.method == "fastv=pyramid":  # the parent found the keep; pass it on rather than bisect again
+        setting.set_keep_count(args.rss_child_keep, 1)
     Switcher(model).to(setting)
     with torch.inference_mode():
         prefill(model, inputs)  # warm-up: one-time lazy initialisation stays out of the measurement
@@ -502,9 +504,12 @@ def rss_child(args: argparse.Namespace) -> None:
     print(json.dumps({"rss_peak_growth_bytes": (peak - before) * 1024}))
 
 
-def rss_in_subprocess(args: argparse.Namespace, argv: Sequence[str], name: str) -> int | None:
+def rss_in_subprocess(args: argparse.Namespace, argv: Sequence[str], setting: Setting) -> int | None:
+    name = setting.name
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     command = [sys.executable, "-m", "benchmarks.efficiency", *argv, "--rss-child", name]
+    if setting.match is not None:
+        command += ["--rss-child-keep", str(setting.match["keep_count"])]
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
     if done.returncode != 0:
@@ -515,6 +520,77 @@ def rss_in_subprocess(args: argparse.Namespace, argv: Sequence[str], name: str) 
 
 def cache_bytes(cache: Any) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+# -- equal-FLOPs matching -------------------------------------------------------------------------------------
+def probe_flops(model: Any, pipeline: list[tc.Compressor], inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(analytic prefill FLOPs, fewest visual tokens of a sample at the first layer) of one probe forward."""
+    tc.compress(model, pipeline)
+    try:
+        prefill(model, inputs)
+        stats = tc.stats(model).prefill
+        return stats.flops, min(stats.layers[0].visual)
+    finally:
+        tc.uncompress(model)
+
+
+def bisect_keep(
+    model: Any, inputs: dict[str, torch.Tensor], layer: int, target: int, visual: int
+) -> tuple[int, int, int]:
+    """(count, its FLOPs, probe forwards): the FastV(layer, keep=count) with FLOPs closest to `target`. FLOPs
+    grow with the count, so bisect for the fewest tokens reaching the target, then take it or the one below."""
+    costs: dict[int, int] = {}
+
+    def cost(count: int) -> int:
+        if count not in costs:
+            costs[count] = probe_flops(model, [tc.FastV(layer=layer, keep=count)], inputs)[0]
+        return costs[count]
+
+    low, high = 1, visual
+    while low < high:
+        middle = (low + high) // 2
+        if cost(middle) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    count = min((c for c in (low - 1, low) if c >= 1), key=lambda c: abs(cost(c) - target))
+    return count, cost(count), len(costs)
+
+
+def match_flops(model: Any, inputs: dict[str, torch.Tensor], settings: list[Setting]) -> None:
+    """Give every fastv=pyramid setting the FastV keep (a token count) whose analytic prefill FLOPs come
+    closest to its pyramid's: bisection over the count, each candidate costed by a probe forward."""
+    by_name = {s.name: s for s in settings}
+    for setting in settings:
+        if setting.method != "fastv=pyramid":
+            continue
+        pyramid = by_name[setting.matches]
+        target, visual = probe_flops(model, pyramid.pipeline(), inputs)
+        count, flops, probes = bisect_keep(model, inputs, setting.layer, target, visual)
+        mismatch = flops / target - 1
+        setting.set_keep_count(count, visual)
+        setting.match = {
+            "matches": pyramid.name,
+            "keep_count": count,
+            "visual_tokens": visual,
+            "keep": setting.keep,
+            "flops": flops,
+            "target_flops": target,
+            "mismatch": mismatch,
+            "probe_forwards": probes + 1,
+        }
+        print(
+            f"  {setting.name}: keep {count}/{visual} = {setting.keep:.4f}, FLOPs mismatch {mismatch:+.3%} "
+            f"({probes + 1} probe forwards)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if abs(mismatch) > MATCH_TOLERANCE:
+            raise SystemExit(
+                f"{setting.name}: the closest FastV keep ({count} of {visual} tokens) is {mismatch:+.2%} off the "
+                f"pyramid's analytic prefill FLOPs (tolerance {MATCH_TOLERANCE:.0%}): FastV at layer "
+                f"{setting.layer} cannot reach them; try a smaller --fastv-layer or a gentler pyramid"
+            )
 
 
 # -- probe: analytic FLOPs, KV bytes, memory, sanity --------------------------------------------------------
@@ -535,17 +611,22 @@ def probe(
             "max_abs_logit_diff_vs_bare": (logits - reference).abs().max().item(),
             "same_next_token_as_bare": bool(torch.equal(logits.argmax(-1), reference.argmax(-1))),
         }
-        if setting.keep is not None:
+        if setting.compressed:
             stats = tc.stats(model)
             row.update(
                 prefill_flops=stats.prefill.flops,
                 prefill_baseline_flops=stats.prefill.baseline_flops,
                 scoring_flops=stats.prefill.scoring_flops,
+                compressor_extra_flops=stats.prefill.extra_flops,
                 kv_bytes_stats=stats.kv_cache_bytes,
                 kv_bytes_uncompressed_stats=stats.kv_cache_bytes_uncompressed,
                 kv_cache_entries=stats.kv_cache_entries,
                 kept_tokens_per_layer=[t[0] for t in stats.prefill.kept_tokens()],
+                visual_tokens_per_layer=[layer.visual[0] for layer in stats.prefill.layers],
             )
+            if setting.method == "pyramid":  # the schedule the library resolved for this model
+                acting = tc.compressors_of(model)[0].acting_layers()
+                row.update(pyramid_acting_layers=acting, pyramid_after_layers=[a - 1 for a in acting])
             run_once(model, inputs, 1, args.device)
             last = tc.stats(model).last
             row.update(decode_flops=last.flops, decode_baseline_flops=last.baseline_flops)
@@ -554,7 +635,7 @@ def probe(
         row.update(peak_bytes=peak, retained_bytes=retained)
         info[setting.name] = row
     # The bare model has no stats of its own: its analytic cost is what every compressed run calls baseline.
-    compressed = [info[s.name] for s in settings if s.keep is not None]
+    compressed = [info[s.name] for s in settings if s.compressed]
     bare = info[settings[0].name]
     bare["prefill_flops"] = bare["prefill_baseline_flops"] = compressed[0]["prefill_baseline_flops"]
     bare["decode_flops"] = bare["decode_baseline_flops"] = compressed[0]["decode_baseline_flops"]
@@ -600,6 +681,7 @@ def summarize(
     bare_prefill = statistics.median(timings[bare].prefill_s)
     bare_decode = statistics.median(timings[bare].decode_s)
     bare_peak = info[bare]["peak_bytes"]
+    bare_kv = info[bare]["kv_bytes"]
     rows = []
     for setting in settings:
         t, i = timings[setting.name], info[setting.name]
@@ -609,11 +691,17 @@ def summarize(
         analytic = i["prefill_baseline_flops"] / i["prefill_flops"]
         row = {
             "setting": setting.name,
+            "method": setting.method,
             "keep": setting.keep,
-            "fastv_layer": setting.layer if setting.keep is not None else None,
+            "fastv_layer": setting.layer,
+            "pyramid_kernels": None if setting.kernels is None else [list(k) for k in setting.kernels],
+            "pyramid_after_layers_requested": None if setting.after_layers is None else list(setting.after_layers),
+            "matches": setting.matches,
+            "flops_match": setting.match,
             "prefill_ms": prefill_s * 1e3,
             "prefill_spread_iqr_over_median": spread(t.prefill_s),
             "prefill_speedup": realized,
+            "analytic_flops_ratio_vs_bare": i["prefill_flops"] / i["prefill_baseline_flops"],
             "analytic_flops_speedup": analytic,
             "realized_over_analytic": realized / analytic,
             "decode_ms_per_step": decode_s * 1e3,
@@ -623,6 +711,7 @@ def summarize(
             "peak_mib": i["peak_bytes"] / MiB,
             "peak_ratio_vs_bare": i["peak_bytes"] / bare_peak if bare_peak else float("nan"),
             "kv_mib": i["kv_bytes"] / MiB,
+            "kv_ratio_vs_bare": i["kv_bytes"] / bare_kv if bare_kv else float("nan"),
             "switch_ms_mean_untimed": statistics.fmean(t.switch_s) * 1e3,
             "prefill_ms_all": [s * 1e3 for s in t.prefill_s],
             "decode_ms_all": [s * 1e3 for s in t.decode_s],
@@ -638,6 +727,7 @@ def format_table(rows: list[dict[str, Any]], rss: bool) -> str:
         "prefill ms",
         "iqr",
         "speedup",
+        "FLOPs/bare",
         "FLOPs x",
         "real/anl",
         "decode ms",
@@ -656,6 +746,7 @@ def format_table(rows: list[dict[str, Any]], rss: bool) -> str:
             f"{r['prefill_ms']:.1f}",
             f"{r['prefill_spread_iqr_over_median']:.0%}",
             f"{r['prefill_speedup']:.3f}",
+            f"{r['analytic_flops_ratio_vs_bare']:.3f}",
             f"{r['analytic_flops_speedup']:.3f}",
             f"{r['realized_over_analytic']:.3f}",
             f"{r['decode_ms_per_step']:.2f}",
@@ -677,7 +768,7 @@ def format_table(rows: list[dict[str, Any]], rss: bool) -> str:
 
 
 def evaluate_targets(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    by_keep = {r["keep"]: r for r in rows}
+    by_keep = {r["keep"]: r for r in rows if r["method"] == "fastv"}  # the --keeps settings
     bare, noop = rows[0], rows[1]
     targets = []
 
@@ -712,7 +803,7 @@ def evaluate_targets(rows: list[dict[str, Any]], args: argparse.Namespace) -> li
         }
     )
 
-    dropping = [r for r in rows if r["keep"] is not None and r["keep"] < 1]
+    dropping = [r for r in rows if r["method"] == "fastv" and r["keep"] < 1]
     worst = max(dropping, key=lambda r: r["peak_bytes"]) if dropping else None
     name = "peak memory with FastV (keep < 1) <= bare under sdpa"
     if worst is None:
