@@ -110,7 +110,7 @@ class Setting:
     kernels: tuple[tuple[int, int], ...] | None = None  # pyramid: one kernel for all stages, or one per stage
     after_layers: tuple[int, ...] | None = None  # pyramid: explicit schedule (None: the library's default)
     matches: str | None = None  # fastv=pyramid: the name of the pyramid setting it matches
-    match: dict[str, Any] | None = None  # fastv=pyramid: what the bisection found (keep count, FLOPs, mismatch)
+    match: dict[str, Any] | None = None  # fastv=pyramid: what match_flops found (keep, FLOPs, mismatch)
 
     @property
     def compressed(self) -> bool:
@@ -253,12 +253,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fastv-layer must be in [1, {args.layers - 1}]")
     if args.pyramid_after is not None:
         after = args.pyramid_after
-        if any(b <= a for a, b in zip(after, after[1:])) or after[0] < 0 or after[-1] > args.layers - 2:
+        if (
+            any(b <= a for a, b in zip(after, after[1:], strict=False))
+            or after[0] < 0
+            or after[-1] > args.layers - 2
+        ):
             parser.error(f"--pyramid-after must be increasing layers in [0, {args.layers - 2}], got {after}")
     if args.pyramid:
         if args.layers < 2:
             parser.error("--pyramid needs at least 2 layers")
-        stages = len(args.pyramid_after) if args.pyramid_after is not None else len(depth_schedule(args.layers))
+        stages = (
+            len(args.pyramid_after) if args.pyramid_after is not None else len(depth_schedule(args.layers))
+        )
         for kernels in args.pyramid:
             if len(kernels) not in (1, stages):
                 parser.error(
@@ -278,7 +284,9 @@ def make_settings(args: argparse.Namespace) -> list[Setting]:
     after = tuple(args.pyramid_after) if args.pyramid_after is not None else None
     for kernels in args.pyramid:
         pyramid = pyramid_setting(kernels, after)
-        matched = Setting(f"fastv@{layer} ={pyramid.name}", None, "fastv=pyramid", layer=layer, matches=pyramid.name)
+        matched = Setting(
+            f"fastv@{layer} ={pyramid.name}", None, "fastv=pyramid", layer=layer, matches=pyramid.name
+        )
         settings += [pyramid, matched]
     names = [s.name for s in settings]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -523,7 +531,9 @@ def cache_bytes(cache: Any) -> int:
 
 
 # -- equal-FLOPs matching -------------------------------------------------------------------------------------
-def probe_flops(model: Any, pipeline: list[tc.Compressor], inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+def probe_flops(
+    model: Any, pipeline: list[tc.Compressor], inputs: dict[str, torch.Tensor]
+) -> tuple[int, int]:
     """(analytic prefill FLOPs, fewest visual tokens of a sample at the first layer) of one probe forward."""
     tc.compress(model, pipeline)
     try:
@@ -695,7 +705,7 @@ def summarize(
             "keep": setting.keep,
             "fastv_layer": setting.layer,
             "pyramid_kernels": None if setting.kernels is None else [list(k) for k in setting.kernels],
-            "pyramid_after_layers_requested": None if setting.after_layers is None else list(setting.after_layers),
+            "pyramid_after_layers_requested": setting.after_layers and list(setting.after_layers),
             "matches": setting.matches,
             "flops_match": setting.match,
             "prefill_ms": prefill_s * 1e3,
@@ -859,6 +869,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
 
     with torch.inference_mode():
+        if any(s.method == "fastv=pyramid" for s in settings):
+            print(
+                "matching FastV to the pyramids' analytic FLOPs (bisection) ...", file=sys.stderr, flush=True
+            )
+            match_flops(model, inputs, settings)
         print("probing FLOPs, KV cache and memory ...", file=sys.stderr, flush=True)
         info = probe(model, inputs, settings, args)
         print("timing (interleaved) ...", file=sys.stderr, flush=True)
@@ -871,9 +886,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             child_argv = [a for a in argv if a != "--rss"]
             for setting in settings:
                 print(f"  --rss {setting.name} ...", file=sys.stderr, flush=True)
-                info[setting.name]["rss_peak_growth_bytes"] = rss_in_subprocess(
-                    args, child_argv, setting.name
-                )
+                info[setting.name]["rss_peak_growth_bytes"] = rss_in_subprocess(args, child_argv, setting)
     load_after = os.getloadavg()
 
     rows = summarize(settings, timings, info)
@@ -887,10 +900,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.heads}/{args.kv_heads} kv, intermediate {args.intermediate}, vocab {args.vocab}, "
         f"{params / 1e6:.1f}M params, {args.dtype}, attn {args.attn}"
     )
+    side = args.image_size // args.patch_size
+    grid = (
+        f"{side}x{side} grid"
+        if args.model == "llava"
+        else f"{2 * side}x{2 * side} patches merged 2x2 to {side}x{side}"
+    )
     print(
         f"input: batch {batch} x {length} tokens ({image_tokens} image tokens from {args.image_size}px / patch "
-        f"{args.patch_size}, {args.text_tokens} text); FastV layer {args.fastv_layer}"
+        f"{args.patch_size}, {grid}; {args.text_tokens} text); FastV layer {args.fastv_layer}"
     )
+    pyramids = [r for r in rows if r["method"] == "pyramid"]
+    if pyramids:
+        after = pyramids[0]["pyramid_after_layers"]
+        source = "--pyramid-after" if args.pyramid_after is not None else "the library's default schedule"
+        print(
+            f"pyramids: StaticPyramid, avg pooling, kernel = stride, pooling after layers {after} ({source}), "
+            f"i.e. acting before layers {pyramids[0]['pyramid_acting_layers']}; grids under 16 cells are left alone"
+        )
     threads = f"{torch.get_num_threads()} thread(s)" if args.device == "cpu" else torch.cuda.get_device_name()
     print(
         f"timing: {args.device}, {threads}, {args.repeats} interleaved rounds after {args.warmup} warm-up, "
@@ -911,9 +938,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(rows, args.rss))
     print()
     print(
-        "speedup: bare median / setting median; FLOPs x: tc.stats prefill baseline_flops / flops (decoder + LM "
-        "head + FastV scoring, matmuls only); real/anl: speedup / FLOPs x; dec x: bare decode median / "
-        "setting's; iqr: interquartile range / median; KV MiB: bytes of the returned cache tensors."
+        "speedup: bare median / setting median; FLOPs/bare: tc.stats prefill flops / baseline_flops (decoder + "
+        "LM head + FastV scoring, matmuls only; pooling is not a matmul); FLOPs x: its inverse; real/anl: "
+        "speedup / FLOPs x; dec x: bare decode median / setting's; mem x: peak / bare peak; iqr: interquartile "
+        "range / median; KV MiB: bytes of the returned cache tensors."
     )
     memory_method = CUDA_MEMORY_METHOD if args.device == "cuda" else CPU_MEMORY_METHOD
     print(f"peak MiB: {memory_method}")
@@ -930,6 +958,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "analytic speedup counting that fixed time: "
         + ", ".join(f"{r['setting']} {r['analytic_speedup_with_vision_time']:.3f}x" for r in rows[1:])
     )
+    print(
+        "visual tokens per layer (sample 0): "
+        + "; ".join(f"{r['setting']} {','.join(map(str, r['visual_tokens_per_layer']))}" for r in rows[1:])
+    )
+    by_name = {r["setting"]: r for r in rows}
+    for r in rows:
+        if r["method"] != "fastv=pyramid":
+            continue
+        m, p = r["flops_match"], by_name[r["matches"]]
+        print(
+            f"{p['setting']} vs {r['setting']} (keep {m['keep_count']}/{m['visual_tokens']} = {m['keep']:.3f}, "
+            f"analytic FLOPs {m['flops'] / 1e9:.4g} vs {m['target_flops'] / 1e9:.4g} G: {m['mismatch']:+.2%}): "
+            f"prefill {p['prefill_speedup']:.3f}x vs {r['prefill_speedup']:.3f}x, decode "
+            f"{p['decode_speedup']:.3f}x vs {r['decode_speedup']:.3f}x, peak memory {p['peak_ratio_vs_bare']:.3f} "
+            f"vs {r['peak_ratio_vs_bare']:.3f} of bare, KV {p['kv_mib']:.2f} vs {r['kv_mib']:.2f} MiB"
+        )
     noop = rows[1]
     print(
         f"no-op overhead: {noop['prefill_ms'] / bare['prefill_ms'] - 1:+.2%} prefill, "
@@ -946,7 +990,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     result = {
         "config": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "rss_child"
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("rss_child", "rss_child_keep")
         },
         "input": {"batch": batch, "length": length, "image_tokens": image_tokens, "params": params},
         "environment": environment(args),

@@ -83,8 +83,13 @@ class ReferenceOutput:
 class PoolingReference:
     """Pooling pyramids on an uncompressed LLaVA-1.5 or Qwen2-VL / Qwen2.5-VL / Qwen3-VL model."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, positions: str = "floor_mean") -> None:
+        """positions: "floor_mean" (the rule under test) or "first" (a pooled token takes its first member's
+        ids; only to show that the comparison notices positions)."""
+        if positions not in ("floor_mean", "first"):
+            raise ValueError(f"positions is 'floor_mean' or 'first', got {positions!r}")
         self.model = model
+        self.positions = positions
         self.family = model.config.model_type
         if self.family != "llava" and self.family not in QWEN_FAMILIES:
             raise ValueError(f"the pooling reference supports llava and {QWEN_FAMILIES}, not {self.family}")
@@ -149,7 +154,11 @@ class PoolingReference:
         return out_cells, out_shapes
 
     # -- the run --------------------------------------------------------------------------------------------
-    def run(self, inputs: dict[str, Tensor], stages: Sequence[Stage]) -> ReferenceOutput:
+    def run(
+        self, inputs: dict[str, Tensor], stages: Sequence[Stage], routing: Sequence[int] | None = None
+    ) -> ReferenceOutput:
+        """Logits of the pooled model on `inputs`; `routing`: per sample the input position whose hidden state
+        `ReferenceOutput.routing` reports at each stage (default: the last real token)."""
         stages = sorted(stages, key=lambda s: s.layer)
         first = stages[0].layer
         captured: dict[str, object] = {}
@@ -178,6 +187,8 @@ class PoolingReference:
         cells, grids = self.grid_cells(inputs)
         visual = torch.isin(inputs["input_ids"], torch.tensor(self.visual_ids())).cpu() & real
         text = real & ~visual
+        if routing is None:
+            routing = [int(torch.nonzero(real[b]).max()) for b in range(batch)]
 
         samples = [
             Sample(
@@ -203,7 +214,9 @@ class PoolingReference:
                     if states is not None:
                         for b, sample in enumerate(samples):
                             sample.hidden = states[b, : len(sample.origin)]
-                    out.routing[index] = torch.stack([self._routing_state(s) for s in samples])
+                    out.routing[index] = torch.stack(
+                        [s.hidden[s.origin.index(routing[b])] for b, s in enumerate(samples)]
+                    )
                     stage = by_layer[index]
                     samples = [self._pool(b, s, stage) for b, s in enumerate(samples)]
                     out.visual[index] = [sum(c is not None for c in s.cell) for s in samples]
@@ -236,11 +249,6 @@ class PoolingReference:
         if given is None or given.dim() != 3:
             raise AssertionError("Qwen-VL computes 3-D M-RoPE ids itself; expected (3 or 4, B, L)")
         return given[-3:].expand(3, batch, length)
-
-    def _routing_state(self, sample: Sample) -> Tensor:
-        """The hidden state of the sample's last real text token (the last prompt token of a plain forward)."""
-        last = max(i for i, (origin, real) in enumerate(zip(sample.origin, sample.real, strict=True)) if real)
-        return sample.hidden[last]
 
     def _pool(self, b: int, sample: Sample, stage: Stage) -> Sample:
         kh, kw = stage.kernels[b]
@@ -279,7 +287,10 @@ class PoolingReference:
                     else:
                         raise ValueError(f"unknown pooling mode {stage.mode!r}")
                     axes = list(zip(*(sample.ids[s] for s in group), strict=True))
-                    position = tuple(sum(axis) // len(group) for axis in axes)
+                    if self.positions == "first":
+                        position = tuple(axis[0] for axis in axes)
+                    else:
+                        position = tuple(sum(axis) // len(group) for axis in axes)
                     tokens.append((value * scale, position, (g, r, c)))
             pooled[g] = tokens
         origin, real, ids, cell, rows_out = [], [], [], [], []

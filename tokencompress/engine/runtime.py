@@ -90,6 +90,7 @@ class Engine:
         self.last_stats: ForwardStats | None = None
         self.last_book: CacheBook | None = None
         self.kv_element_size = 0
+        self.checked_tokens: VisualTokens | None = None
         self.pending_labels: Tensor | None = None
         self.pending_loss: Tensor | None = None
 
@@ -158,7 +159,7 @@ class Engine:
         self.model.__dict__["generate"] = generate
 
     def _check_inputs(self, inputs: dict[str, Any]) -> VisualTokens | None:
-        tokens = self.adapter.visual_tokens(inputs)
+        tokens = self.checked_tokens = self.adapter.visual_tokens(inputs)
         if tokens is not None:
             for compressor in self.compressors:
                 compressor.check_inputs(tokens)
@@ -219,7 +220,11 @@ class Engine:
         tokens, self.pending_tokens = self.pending_tokens, None
         if tokens is not None and tuple(tokens.image_index.shape) != (batch, length):
             tokens = None
+        pending_grids = tokens is not None and not tokens.grid_shape
         tokens = self.adapter.complete_visual_tokens(tokens, kwargs)
+        if tokens is not None and (pending_grids or tokens is not self.checked_tokens):
+            for compressor in self.compressors:  # the layout is complete only now (grids, spliced images)
+                compressor.check_inputs(tokens)
         additions = self.adapter.take_layer_additions(kwargs)
         kind = "prefill" if tokens is not None or length > 1 else "decode"
         self.fwd = ForwardState(
