@@ -251,20 +251,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats and --decode-steps must be at least 1")
     if not 1 <= args.fastv_layer < args.layers:
         parser.error(f"--fastv-layer must be in [1, {args.layers - 1}]")
-    if args.pyramid_after is not None:
-        after = args.pyramid_after
-        if (
-            any(b <= a for a, b in zip(after, after[1:], strict=False))
-            or after[0] < 0
-            or after[-1] > args.layers - 2
-        ):
+    after = args.pyramid_after
+    if after is not None:
+        increasing = all(a < b for a, b in zip(after, after[1:], strict=False))
+        if not increasing or after[0] < 0 or after[-1] > args.layers - 2:
             parser.error(f"--pyramid-after must be increasing layers in [0, {args.layers - 2}], got {after}")
     if args.pyramid:
         if args.layers < 2:
             parser.error("--pyramid needs at least 2 layers")
-        stages = (
-            len(args.pyramid_after) if args.pyramid_after is not None else len(depth_schedule(args.layers))
-        )
+        stages = len(after) if after is not None else len(depth_schedule(args.layers))
         for kernels in args.pyramid:
             if len(kernels) not in (1, stages):
                 parser.error(
@@ -496,8 +491,8 @@ def rss_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, inputs = build(args)
     setting = next(s for s in make_settings(args) if s.name == args.rss_child)
-    if setting.method == "fastv=pyramid":  # the parent found the keep; pass it on rather than bisect again
-        setting.set_keep_count(args.rss_child_keep, 1)
+    if setting.method == "fastv=pyramid":  # the parent found the keep (a count) and passes it on
+        setting.set_keep_count(args.rss_child_keep, visual=args.rss_child_keep)
     Switcher(model).to(setting)
     with torch.inference_mode():
         prefill(model, inputs)  # warm-up: one-time lazy initialisation stays out of the measurement
