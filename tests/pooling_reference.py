@@ -71,13 +71,20 @@ class Sample:
 
 @dataclass
 class ReferenceOutput:
-    logits: Tensor  # (B, L, vocab), filled at `text` only (zeros elsewhere)
-    text: Tensor  # (B, L) bool: the real text positions
-    visual: dict[int, list[int]] = field(default_factory=dict)  # per pooling layer, visual tokens per sample
-    grids: dict[int, list[list[tuple[int, int]]]] = field(default_factory=dict)  # per pooling layer, after it
-    routing: dict[int, Tensor] = field(
-        default_factory=dict
-    )  # per pooling layer, (B, hidden) at the routing token
+    """logits: (B, L, vocab), filled at the real text positions `text` (B, L) only, zeros elsewhere. Per pooling
+    layer: `routing` (B, hidden) the routing token's hidden state entering it (before pooling); after its
+    pooling, `visual` the visual tokens per sample, `grids` their grids' shapes, `real` (B, n) the slots that are
+    real tokens (not padding, not the filler that ends shorter rows), and the `position_ids` (axes, B, n) and
+    rotary (cos, sin) the layers get."""
+
+    logits: Tensor
+    text: Tensor
+    visual: dict[int, list[int]] = field(default_factory=dict)
+    grids: dict[int, list[list[tuple[int, int]]]] = field(default_factory=dict)
+    routing: dict[int, Tensor] = field(default_factory=dict)
+    real: dict[int, Tensor] = field(default_factory=dict)
+    position_ids: dict[int, Tensor] = field(default_factory=dict)
+    rotary: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 class PoolingReference:
@@ -221,11 +228,14 @@ class PoolingReference:
                     samples = [self._pool(b, s, stage) for b, s in enumerate(samples)]
                     out.visual[index] = [sum(c is not None for c in s.cell) for s in samples]
                     out.grids[index] = [[(g.rows, g.cols) for g in s.grids] for s in samples]
-                    states, mask, position_ids = self._batch(samples, hidden.dtype, hidden.device)
+                    states, mask, position_ids, out.real[index] = self._batch(
+                        samples, hidden.dtype, hidden.device
+                    )
                     rotary = self.text_model.rotary_emb(
                         states, position_ids if self._qwen else position_ids[0]
                     )
                     layer_ids = None if self._qwen else position_ids[0]
+                    out.position_ids[index], out.rotary[index] = position_ids, rotary
                 states = layers[index](
                     states, attention_mask=mask, position_ids=layer_ids, position_embeddings=rotary
                 )
@@ -316,9 +326,12 @@ class PoolingReference:
         hidden = torch.stack(rows_out) if rows_out else sample.hidden[:0]
         return Sample(origin, real, ids, cell, new_grids, hidden)
 
-    def _batch(self, samples: list[Sample], dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+    def _batch(
+        self, samples: list[Sample], dtype: torch.dtype, device
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Right-filled (B, n, hidden) states, the (B, 1, n, n) additive causal + padding mask (each query sees
-        itself, so no row is empty) and the (axes, B, n) position ids; filler slots are masked keys at id 0."""
+        itself, so no row is empty), the (axes, B, n) position ids and the (B, n) real keys; filler slots are
+        masked keys at id 0."""
         width = max(len(s.origin) for s in samples)
         axes = len(samples[0].ids[0])
         size = samples[0].hidden.shape[-1]
@@ -336,4 +349,4 @@ class PoolingReference:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
             ~allowed, torch.finfo(dtype).min
         )
-        return states, mask[:, None], position_ids
+        return states, mask[:, None], position_ids, keys

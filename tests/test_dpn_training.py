@@ -1,6 +1,6 @@
 """DPN trains: its routers learn through HF Trainer, gradients reach them through the probability scaling, the loss
 is the LM loss plus the routing loss as documented, the router reads the documented token, the min_tokens guard
-holds in training, and gradient checkpointing is refused clearly.
+holds in training, and Trainer with gradient checkpointing trains the same as without.
 
 The tiny LLaVA here has a 6 x 6 grid (36 visual tokens per image) and 4 decoder layers, so a (2, 2) expert leaves
 9 tokens and a (1, 2) expert 18.
@@ -126,7 +126,6 @@ class AnswerDataset(torch.utils.data.Dataset):
 
 
 def train(model, dataset, output_dir, steps: int, **overrides):
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     arguments = dict(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -189,8 +188,10 @@ def test_trainer_trains_only_the_routers_of_a_frozen_model(tmp_path):
     tc.compress(model, dpn)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_router(name))
-    router_names = {name for name, _ in model.named_parameters() if is_router(name)}
-    assert router_names and all(name.startswith("tokencompress_modules.0.routers.") for name in router_names)
+    routers = [p for name, p in model.named_parameters() if is_router(name)]
+    assert len(routers) == 3 * 4  # three stages' LayerNorm (2), down, up
+    assert {id(p) for p in routers} == {id(p) for p in tc.compressor_parameters(model)}
+    assert {id(p) for p in routers} == {id(p) for p in dpn.parameters()}
     dataset = AnswerDataset()
     batch = dataset.batch()
     before, weights = evaluate(model, batch), snapshot(model)
@@ -199,7 +200,8 @@ def test_trainer_trains_only_the_routers_of_a_frozen_model(tmp_path):
 
     # the optimizer Trainer built holds exactly the routers (it found them as model parameters)
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert optimized == {id(p) for name, p in model.named_parameters() if is_router(name)}
+    assert optimized == {id(p) for p in routers}
+    # the loss falls through the routing loss (the routers raise the compression; the LM loss may rise with it)
     epochs = epoch_losses(trainer, steps_per_epoch=4)
     assert len(epochs) == 8
     assert epochs[-1] < epochs[0] - 1.0, epochs
@@ -405,6 +407,26 @@ def test_router_reads_the_last_prompt_token(padding_side, labels):
         assert (alternative[b] - probs[b]).abs().max() > 1e-2
 
 
+def test_plain_language_model_labels_route_by_the_last_real_token():
+    """Labels that supervise every real text token (a plain language-model recipe) draw no prompt/answer line: the
+    token "before the first label" would be padding or precede the image. The router then reads the last real
+    token, as without labels."""
+    model = make_model()
+    inputs = tiny_llava_inputs(model, [(3, 2), (1, 6)], [1, 1], seed=1, padding_side="left")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE)
+    labels = labels.masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, IGNORE)
+    states = states_before(model, inputs, layer=2)
+    dpn = tc.DPN(after_layers=[1], temperature=1.0)
+    tc.compress(model, dpn)
+    randomize_routers(dpn, seed=8)
+    seen = []
+    dpn.routers[0].register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        model(**inputs, labels=labels)
+    torch.testing.assert_close(seen[0], states[torch.arange(2), last_real(inputs)], atol=1e-5, rtol=1e-5)
+
+
 # -- the min_tokens guard --------------------------------------------------------------------------------------
 
 
@@ -484,9 +506,9 @@ def test_min_tokens_guard_holds_at_every_stage():
 
 
 def test_gradient_checkpointing_under_trainer_trains_the_same_as_without(tmp_path):
-    """(Since 95d1f20 gradient checkpointing is supported, no longer refused; tests/test_gradient_checkpointing.py
-    compares single steps.) Here: Trainer with gradient_checkpointing=True logs the same losses and ends with the
-    same routers as without."""
+    """Gradient checkpointing is supported (since 95d1f20; tests/test_gradient_checkpointing.py compares single
+    steps): Trainer with activation (gradient) checkpointing logs the same losses and ends with the same routers
+    as without."""
     results = []
     for checkpointing in (False, True):
         model = make_model()
@@ -500,7 +522,7 @@ def test_gradient_checkpointing_under_trainer_trains_the_same_as_without(tmp_pat
             AnswerDataset(size=8),
             tmp_path / str(checkpointing),
             4,
-            gradient_checkpointing=checkpointing,
+            activation_checkpointing=checkpointing,
         )
         assert model.model.language_model.gradient_checkpointing is checkpointing
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

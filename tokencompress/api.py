@@ -13,7 +13,7 @@ from torch import nn
 
 from .accounting import Stats
 from .compressors.base import Compressor
-from .engine.runtime import SUPPORTED_ATTENTION, Engine
+from .engine.runtime import OWNER, SUPPORTED_ATTENTION, Engine
 
 ATTRIBUTE = "_tokencompress_engine"
 CONFIG_NAME = "tokencompress_config.json"
@@ -50,6 +50,13 @@ def _prepare(
     for item in pipeline:
         if not isinstance(item, Compressor):
             raise TypeError(f"expected tokencompress compressors, got {type(item).__name__}: {item!r}")
+        if _serving(item):
+            raise ValueError(
+                f"this {type(item).__name__} already serves another model (its schedule and routers are that "
+                "model's); give each model its own, e.g. copy.deepcopy(compressor) or Compressor.from_dict(c.to_dict())"
+            )
+    if len({id(item) for item in pipeline}) != len(pipeline):
+        raise ValueError("the same compressor instance appears twice in the pipeline")
     if getattr(model, ATTRIBUTE, None) is not None:
         raise RuntimeError(
             "this model is already compressed; call tc.uncompress(model) before compressing again"
@@ -167,6 +174,14 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Module
             prefix = f"{place}."
             item.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
     return _attach(model, adapter, pipeline)
+
+
+def _serving(item: Compressor) -> bool:
+    """Whether this very instance runs in a compressed model now (a copy of it does not)."""
+    owner = item.__dict__.get(OWNER)
+    model = owner() if owner is not None else None
+    engine = getattr(model, ATTRIBUTE, None) if model is not None else None
+    return engine is not None and any(c is item for c in engine.compressors)
 
 
 def _engine(model: nn.Module) -> Engine:

@@ -28,6 +28,7 @@ from .slots import CacheBook, KeyRecord, Slots
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 MODULES_NAME = "tokencompress_modules"  # where trainable compressors sit in a compressed model
 IGNORE_INDEX = -100
+OWNER = "_tokencompress_owner"  # set on a compressor while it serves a model: one model at a time
 
 
 @dataclass(eq=False)
@@ -122,17 +123,19 @@ class Engine:
             self.handles.append(adapter.final_norm.register_forward_pre_hook(self._on_final_norm))
             self.handles.append(adapter.lm_head.register_forward_hook(self._on_lm_head))
             self.undo.append(adapter.install())
-            if (
-                self.trainable
-            ):  # routers become model parameters: model.to(), train(), Trainer's optimizer see them
-                self.model.add_module(MODULES_NAME, nn.ModuleList(self.trainable))
+            if self.trainable:  # as model parameters: model.to(), .train(), Trainer's optimizer see them
+                self.model.add_module(MODULES_NAME, nn.ModuleList(self.trainable).train(self.model.training))
                 self.undo.append(lambda: delattr(self.model, MODULES_NAME))
         except Exception:
             self.detach()
             raise
         self._wrap_generate()
+        for compressor in self.compressors:
+            compressor.__dict__[OWNER] = weakref.ref(self.model)
 
     def detach(self) -> None:
+        for compressor in self.compressors:
+            compressor.__dict__.pop(OWNER, None)
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -257,8 +260,12 @@ class Engine:
         labels = self.adapter.text_labels(self.pending_labels, text_inputs)
         if labels is None or tuple(labels.shape) != (fwd.batch, fwd.length):
             return last_real
+        # Labels that supervise only an answer after the images: the prompt ends before the first label. Labels
+        # that also cover the prompt (plain language-model labels) draw no such line: the last real token.
         first_label = torch.where((labels != IGNORE_INDEX) & real, arange, fwd.length).amin(1)
-        return torch.where(first_label < fwd.length, (first_label - 1).clamp(min=0), last_real)
+        last_visual = torch.where(fwd.tokens.is_visual, arange, -1).amax(1)
+        answer_only = (first_label > last_visual) & (first_label < fwd.length)
+        return torch.where(answer_only, (first_label - 1).clamp(min=0), last_real)
 
     def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         fwd = self.fwd
@@ -377,7 +384,10 @@ class Engine:
         scores = fwd.scores.pop(id(compressor), None)
         if compressor.scoring_layer() is not None and scores is None:
             raise RuntimeError(f"{type(compressor).__name__}: no scores were computed at its scoring layer")
-        routing = ((slots.index == fwd.routing[:, None]) & slots.real).int().argmax(1)
+        # The routing token's slot, or, once pooled or dropped, the latest slot before it (the pooled token that
+        # holds it: groups sit at their first member's position, in raster order).
+        before = slots.real & (slots.index <= fwd.routing[:, None])
+        routing = torch.where(before, torch.arange(len(slots), device=before.device), -1).amax(1).clamp(min=0)
         view = VisualView(
             layer=index,
             hidden_states=hidden,
@@ -394,7 +404,8 @@ class Engine:
         fwd.full_hidden = hidden if fwd.full_hidden is None else self._restore(fwd.full_hidden, slots, hidden)
         fwd.memo.clear()
         if isinstance(decision, Merge):
-            fwd.stats.decisions[index] = {key: value.detach() for key, value in decision.info.items()}
+            if decision.info:
+                fwd.stats.decisions[index] = {key: value.detach() for key, value in decision.info.items()}
             fwd.stats.extra_flops += decision.extra_flops
             if decision.aux_loss is not None:
                 fwd.aux_loss = decision.aux_loss if fwd.aux_loss is None else fwd.aux_loss + decision.aux_loss
