@@ -9,7 +9,9 @@ entering the first pooling layer, then continues by hand, one sample, one image 
   (r // kh, c // kw), cells past the floored grid are dropped, grids with fewer than `min_grid_tokens` cells or
   smaller than the kernel stay as they are; the value is the max, mean or (conv) weighted sum of the members,
   times the sample's scale (DPN: the chosen expert's probability; it scales every visual token the sample
-  keeps); the pooled tokens replace the grid's tokens in place, in raster order of the pooled grid;
+  keeps); each pooled token takes the place of its group's first member in sequence order (for a grid whose
+  tokens are contiguous: the grid's tokens replaced in place, in raster order of the pooled grid; tokens between
+  a grid's rows, such as LLaVA-NeXT's row newlines, stay where they are, between the pooled tokens);
 - a pooled token's position id is the floor of its members' mean id (per axis for M-RoPE); text keeps its own;
 - the remaining decoder layers are called directly with the model's own rotary embedding on those ids and a 4-D
   additive causal + padding mask over the new sequence; then the final norm and the LM head.
@@ -20,7 +22,11 @@ Logits are returned at the real text positions of the input (`ReferenceOutput.te
 The hidden states entering the first pooling layer are captured with a forward pre-hook on that layer rather
 than read from `output_hidden_states`: transformers records a layer's *output* as the next hidden state, and
 Qwen3-VL adds its DeepStack features after that output, so `hidden_states[k]` is not layer k's input there.
-Only the HF module layout is assumed (`model.model.language_model.{layers, norm, rotary_emb}`, `model.lm_head`).
+Only the HF module layout is assumed (`model.model.language_model.{layers, norm, rotary_emb}`, or
+`model.get_model()` for the LLaVA codebase, and `model.lm_head`).
+
+Other models (LLaVA-NeXT / OneVision, the LLaVA codebase's spliced sequences) pass their media layout as a
+`Layout` (real positions, grid cells, grid shapes) computed by the caller; the rest of the run is the same.
 """
 
 from __future__ import annotations
@@ -67,6 +73,22 @@ class Sample:
     cell: list[tuple[int, int, int] | None]
     grids: list[Grid]
     hidden: Tensor  # (n, hidden)
+    first: list[int] = field(default_factory=list)  # per slot: the input position of its first member
+
+
+@dataclass
+class Layout:
+    """A sequence's media layout given by the caller, for models whose grids the reference does not derive from
+    the input ids (LLaVA-NeXT / OneVision, the LLaVA codebase's spliced sequences).
+
+    real: (B, L) the real (unpadded) positions of the sequence the decoder runs on. cells: per sample, {position:
+    (grid, row, col)} of every visual token that is pooled; positions not in `cells` (text, structural tokens such
+    as row newlines, padding) are never pooled and keep their place. grids: per sample, each grid's (rows, cols),
+    grids numbered per sample."""
+
+    real: Tensor
+    cells: list[dict[int, tuple[int, int, int]]]
+    grids: list[list[tuple[int, int]]]
 
 
 @dataclass
@@ -74,12 +96,14 @@ class ReferenceOutput:
     """logits: (B, L, vocab), filled at the real text positions `text` (B, L) only, zeros elsewhere. Per pooling
     layer: `routing` (B, hidden) the routing token's hidden state entering it (before pooling); after its
     pooling, `visual` the visual tokens per sample, `grids` their grids' shapes, `real` (B, n) the slots that are
-    real tokens (not padding, not the filler that ends shorter rows), and the `position_ids` (axes, B, n) and
-    rotary (cos, sin) the layers get."""
+    real tokens (not padding, not the filler that ends shorter rows), the `position_ids` (axes, B, n) and
+    rotary (cos, sin) the layers get, and `order` per sample the input position of each real token's first
+    member (a token that was not pooled: its own), in sequence order."""
 
     logits: Tensor
     text: Tensor
     visual: dict[int, list[int]] = field(default_factory=dict)
+    order: dict[int, list[list[int]]] = field(default_factory=dict)
     grids: dict[int, list[list[tuple[int, int]]]] = field(default_factory=dict)
     routing: dict[int, Tensor] = field(default_factory=dict)
     real: dict[int, Tensor] = field(default_factory=dict)
@@ -88,7 +112,8 @@ class ReferenceOutput:
 
 
 class PoolingReference:
-    """Pooling pyramids on an uncompressed LLaVA-1.5 or Qwen2-VL / Qwen2.5-VL / Qwen3-VL model."""
+    """Pooling pyramids on an uncompressed LLaVA-1.5 or Qwen2-VL / Qwen2.5-VL / Qwen3-VL model, or on any model
+    with a 1-D RoPE LLaMA-style decoder given a `Layout` (LLaVA-NeXT / OneVision, the LLaVA codebase)."""
 
     def __init__(self, model: nn.Module, positions: str = "floor_mean") -> None:
         """positions: "floor_mean" (the rule under test) or "first" (a pooled token takes its first member's
@@ -98,9 +123,8 @@ class PoolingReference:
         self.model = model
         self.positions = positions
         self.family = model.config.model_type
-        if self.family != "llava" and self.family not in QWEN_FAMILIES:
-            raise ValueError(f"the pooling reference supports llava and {QWEN_FAMILIES}, not {self.family}")
-        self.text_model = model.model.language_model
+        inner = getattr(model, "model", None)
+        self.text_model = inner.language_model if hasattr(inner, "language_model") else model.get_model()
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def visual_ids(self) -> list[int]:
@@ -114,6 +138,11 @@ class PoolingReference:
     ) -> tuple[list[dict[int, tuple[int, int, int]]], list[list[Grid]]]:
         """Per sample, {input position: (grid, row, col)} and the grids' shapes, grids numbered per sample in
         sequence order. Each kind of placeholder is filled in row-major order over the whole batch."""
+        if self.family != "llava" and self.family not in QWEN_FAMILIES:
+            raise ValueError(
+                f"the pooling reference lays out llava and {QWEN_FAMILIES} grids, not {self.family}: "
+                "pass a Layout"
+            )
         ids = inputs["input_ids"]
         config = self.model.config
         media: list[tuple[int, list[tuple[int, int, int]]]] = []  # (placeholder id, [(frames, rows, cols)])
@@ -162,10 +191,15 @@ class PoolingReference:
 
     # -- the run --------------------------------------------------------------------------------------------
     def run(
-        self, inputs: dict[str, Tensor], stages: Sequence[Stage], routing: Sequence[int] | None = None
+        self,
+        inputs: dict[str, Tensor],
+        stages: Sequence[Stage],
+        routing: Sequence[int] | None = None,
+        layout: Layout | None = None,
     ) -> ReferenceOutput:
-        """Logits of the pooled model on `inputs`; `routing`: per sample the input position whose hidden state
-        `ReferenceOutput.routing` reports at each stage (default: the last real token)."""
+        """Logits of the pooled model on `inputs` (passed to the model as they are); `routing`: per sample the
+        input position whose hidden state `ReferenceOutput.routing` reports at each stage (default: the last real
+        token); `layout`: the media layout of the sequence the decoder runs on (default: derived from `inputs`)."""
         stages = sorted(stages, key=lambda s: s.layer)
         first = stages[0].layer
         captured: dict[str, object] = {}
@@ -189,10 +223,24 @@ class PoolingReference:
         hidden: Tensor = captured["hidden"]  # (B, L, hidden)
         batch, length = hidden.shape[:2]
         ids = self._position_ids(captured["position_ids"], batch, length, hidden.device)  # (axes, B, L)
-        pad = inputs.get("attention_mask")
-        real = torch.ones(batch, length, dtype=torch.bool) if pad is None else pad.bool().cpu()
-        cells, grids = self.grid_cells(inputs)
-        visual = torch.isin(inputs["input_ids"], torch.tensor(self.visual_ids())).cpu() & real
+        if layout is None:
+            pad = inputs.get("attention_mask")
+            real = torch.ones(batch, length, dtype=torch.bool) if pad is None else pad.bool().cpu()
+            cells, grids = self.grid_cells(inputs)
+            visual = torch.isin(inputs["input_ids"], torch.tensor(self.visual_ids())).cpu() & real
+        else:
+            real = layout.real.bool().cpu()
+            if real.shape != (batch, length):
+                raise AssertionError(
+                    f"a layout of shape {tuple(real.shape)} for a sequence of {(batch, length)}"
+                )
+            cells = layout.cells
+            grids = [[Grid(rows, cols) for rows, cols in shapes] for shapes in layout.grids]
+            visual = torch.zeros(batch, length, dtype=torch.bool)
+            for b, sample_cells in enumerate(cells):
+                visual[b, list(sample_cells)] = True
+            if bool((visual & ~real).any()):
+                raise AssertionError("the layout puts grid cells at padding positions")
         text = real & ~visual
         if routing is None:
             routing = [int(torch.nonzero(real[b]).max()) for b in range(batch)]
@@ -205,6 +253,7 @@ class PoolingReference:
                 cell=[cells[b].get(p) if bool(visual[b, p]) else None for p in range(length)],
                 grids=grids[b],
                 hidden=hidden[b],
+                first=list(range(length)),
             )
             for b in range(batch)
         ]
@@ -227,6 +276,9 @@ class PoolingReference:
                     stage = by_layer[index]
                     samples = [self._pool(b, s, stage) for b, s in enumerate(samples)]
                     out.visual[index] = [sum(c is not None for c in s.cell) for s in samples]
+                    out.order[index] = [
+                        [first for first, real in zip(s.first, s.real, strict=True) if real] for s in samples
+                    ]
                     out.grids[index] = [[(g.rows, g.cols) for g in s.grids] for s in samples]
                     states, mask, position_ids, out.real[index] = self._batch(
                         samples, hidden.dtype, hidden.device
@@ -269,7 +321,8 @@ class PoolingReference:
             if cell is not None:
                 slots_of.setdefault(cell[0], {})[(cell[1], cell[2])] = slot
         new_grids: list[Grid] = []
-        pooled: dict[int, list[tuple[Tensor, tuple[int, ...], tuple[int, int, int]]]] = {}
+        # the slot of each group's first member -> (value, position ids, cell, first input position)
+        pooled: dict[int, tuple[Tensor, tuple[int, ...], tuple[int, int, int], int]] = {}
         for g, grid in enumerate(sample.grids):
             members = slots_of.get(g, {})
             if len(members) != grid.rows * grid.cols:
@@ -281,7 +334,6 @@ class PoolingReference:
                 kr, kc = 1, 1
             rows, cols = grid.rows // kr, grid.cols // kc
             new_grids.append(Grid(rows, cols))
-            tokens = []
             for r in range(rows):
                 for c in range(cols):
                     group = [members[(r * kr + i, c * kc + j)] for i in range(kr) for j in range(kc)]
@@ -301,10 +353,9 @@ class PoolingReference:
                         position = tuple(axis[0] for axis in axes)
                     else:
                         position = tuple(sum(axis) // len(group) for axis in axes)
-                    tokens.append((value * scale, position, (g, r, c)))
-            pooled[g] = tokens
-        origin, real, ids, cell, rows_out = [], [], [], [], []
-        emitted: set[int] = set()
+                    at = min(group)  # the first member in sequence order
+                    pooled[at] = (value * scale, position, (g, r, c), sample.first[at])
+        origin, real, ids, cell, rows_out, first = [], [], [], [], [], []
         for slot, grid_cell in enumerate(sample.cell):
             if grid_cell is None:
                 origin.append(sample.origin[slot])
@@ -312,19 +363,17 @@ class PoolingReference:
                 ids.append(sample.ids[slot])
                 cell.append(None)
                 rows_out.append(sample.hidden[slot])
-                continue
-            g = grid_cell[0]
-            if g in emitted:
-                continue
-            emitted.add(g)
-            for value, position, where in pooled[g]:
+                first.append(sample.first[slot])
+            elif slot in pooled:  # other members (and cells past the floored grid) leave the sequence
+                value, position, where, first_position = pooled[slot]
                 origin.append(-1)
                 real.append(True)
                 ids.append(position)
                 cell.append(where)
                 rows_out.append(value)
+                first.append(first_position)
         hidden = torch.stack(rows_out) if rows_out else sample.hidden[:0]
-        return Sample(origin, real, ids, cell, new_grids, hidden)
+        return Sample(origin, real, ids, cell, new_grids, hidden, first)
 
     def _batch(
         self, samples: list[Sample], dtype: torch.dtype, device
