@@ -15,7 +15,17 @@ from .api import (
     stats,
     uncompress,
 )
-from .compressors import DPN, Compressor, FastV, RandomDrop, StaticPyramid, build, register, registry
+from .compressors import (
+    DPN,
+    Compressor,
+    FastV,
+    MustDrop,
+    RandomDrop,
+    StaticPyramid,
+    build,
+    register,
+    registry,
+)
 from .routing import ROUTER_TOKEN, add_routing_token, with_routing_token
 from .view import Merge, VisualView
 
@@ -26,6 +36,7 @@ __all__ = [
     "ROUTER_TOKEN",
     "Compressor",
     "Merge",
+    "MustDrop",
     "StaticPyramid",
     "VisualView",
     "add_routing_token",

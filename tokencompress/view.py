@@ -44,7 +44,9 @@ class VisualView:
     grid_row, grid_col and grid_shape describe the grids as they are now (after any earlier pooling, a pooled
     token sits on the pooled grid); position is each slot's logical input position; scores (B, n) holds the
     attention each slot received at the compressor's scoring layer, when it asked for them; routing (B,) is the
-    column of each sample's routing token (the `<ROUTER>` token or the last prompt token).
+    column of each sample's routing token (the `<ROUTER>` token or the last prompt token); score_queries (B, q)
+    marks the real query rows when `scores` holds one row per query (B, q, n); state is the compressor's scratch
+    space for this forward, shared by its stages (e.g. tokens an early stage protects from later ones).
     """
 
     layer: int
@@ -57,6 +59,8 @@ class VisualView:
     grid_shape: list[list[tuple[int, int]]]
     routing: Tensor
     scores: Tensor | None = None
+    score_queries: Tensor | None = None
+    state: dict = field(default_factory=dict)
 
     def counts(self) -> Tensor:
         return self.is_visual.sum(1)

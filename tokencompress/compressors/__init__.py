@@ -4,6 +4,7 @@
 from .base import Compressor, TokenDropper, build, register, registry
 from .dpn import DPN
 from .fastv import FastV
+from .mustdrop import MustDrop
 from .pyramid import StaticPyramid
 from .random_drop import RandomDrop
 
@@ -11,6 +12,7 @@ __all__ = [
     "DPN",
     "Compressor",
     "FastV",
+    "MustDrop",
     "RandomDrop",
     "StaticPyramid",
     "TokenDropper",

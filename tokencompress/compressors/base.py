@@ -75,11 +75,23 @@ class Compressor:
         """Raise if this forward's inputs cannot be compressed by this configuration."""
 
     def scoring_layer(self) -> int | None:
-        """The decoder layer whose attention scores `select` needs, or None."""
+        """The decoder layer whose attention scores `select` needs, or None (single-stage methods)."""
         return None
 
+    def scoring_layers(self) -> dict[int, int]:
+        """{acting layer: scoring layer} for every stage that needs attention scores."""
+        scoring = self.scoring_layer()
+        return {} if scoring is None else {self.layer: scoring}
+
     def scoring_query(self) -> str:
+        """Whose attention: "last" (the last prompt token), "text" (mean over the text after the images), or
+        "text_rows" (each of those text tokens' rows: `view.scores` is (B, q, n), `view.score_queries` (B, q))."""
         return "last"
+
+    def trims_caches_from(self) -> int | None:
+        """Output-aware cache: when prefill ends, every layer from this one on keeps only the visual tokens that
+        reached the last layer (tokens a later stage dropped leave the earlier layers' caches too); None: off."""
+        return None
 
     def select(self, view: VisualView) -> Tensor | Merge:
         """(B, n) bool: which visual slots to keep (non-visual slots are always kept by the engine), or a Merge."""

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from ..accounting import ForwardStats, LayerStats, Stats
 from ..compressors.base import Compressor
-from ..ops import gather_rows
+from ..ops import compact_columns, gather_rows
 from ..view import Merge, VisualTokens, VisualView
 from .masks import allowed_keys, to_implementation
 from .merging import apply_merge
-from .scoring import attention_received, query_rows, scoring_flops
+from .scoring import attention_received, attention_rows, query_rows, scoring_flops
 from .slots import CacheBook, KeyRecord, Slots
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -52,7 +52,8 @@ class ForwardState:
     memo: dict[Any, Any] = field(default_factory=dict)
     captured: dict[int, dict[str, Any]] = field(default_factory=dict)
     additions: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    scores: dict[int, Tensor] = field(default_factory=dict)
+    scores: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    states: dict[int, dict] = field(default_factory=dict)  # per compressor, shared by its stages
     aux_loss: Tensor | None = None
     routing: Tensor | None = None  # (B,) input position of each sample's routing token
 
@@ -77,10 +78,14 @@ class Engine:
         self.routing_token = next(
             (c.routing_token() for c in compressors if c.routing_token() is not None), None
         )
-        self.scoring: dict[int, list[Compressor]] = {}
+        self.scoring: dict[
+            int, list[tuple[Compressor, int]]
+        ] = {}  # scoring layer -> (compressor, acting layer)
         for compressor in self.compressors:
-            if compressor.scoring_layer() is not None:
-                self.scoring.setdefault(compressor.scoring_layer(), []).append(compressor)
+            for acting, scoring in compressor.scoring_layers().items():
+                self.scoring.setdefault(scoring, []).append((compressor, acting))
+        starts = [c.trims_caches_from() for c in self.compressors if c.trims_caches_from() is not None]
+        self.trim_from = min(starts) if starts else None
         self.shape = adapter.shape()
         self.books: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list[Any] = []
@@ -309,6 +314,8 @@ class Engine:
         if fwd is None:
             return None
         self.fwd = None
+        if self.trim_from is not None and fwd.book is not None and fwd.has_visual:
+            self._trim_caches(fwd)
         self._finish(fwd)
         if fwd.full_hidden is None:
             return None
@@ -358,8 +365,8 @@ class Engine:
             keys = torch.cat([captured["cache_keys"], keys], dim=2)
         key_order = torch.cat([record.order, order], dim=1)
         key_ok = torch.cat([record.real, fwd.slots.real], dim=1) & fwd.key_ok.gather(1, key_order)
-        for mode in dict.fromkeys(c.scoring_query() for c in self.scoring[index]):
-            columns, weights = query_rows(mode, chunk_ok, is_visual, order)
+        for mode in dict.fromkeys(c.scoring_query() for c, _ in self.scoring[index]):
+            columns, weights = query_rows("text" if mode == "text_rows" else mode, chunk_ok, is_visual, order)
             queries = self.adapter.queries(
                 index,
                 gather_rows(captured["normed"], columns),
@@ -367,10 +374,18 @@ class Engine:
                 gather_rows(sin, columns),
             )
             allowed = (key_order[:, None, :] <= order.gather(1, columns)[:, :, None]) & key_ok[:, None, :]
-            received = attention_received(queries, keys, allowed, weights, self.adapter.scaling(index))
-            for compressor in self.scoring[index]:
+            scaling = self.adapter.scaling(index)
+            if mode == "text_rows":
+                received = attention_rows(queries, keys, allowed, weights, scaling)[:, :, len(record) :]
+                rows = weights > 0
+            else:
+                received, rows = (
+                    attention_received(queries, keys, allowed, weights, scaling)[:, len(record) :],
+                    None,
+                )
+            for compressor, acting in self.scoring[index]:
                 if compressor.scoring_query() == mode:
-                    fwd.scores[id(compressor)] = received[:, len(record) :]
+                    fwd.scores[(id(compressor), acting)] = (received, rows)
             shape = self.shape
             fwd.stats.scoring_flops += scoring_flops(
                 fwd.batch, columns.shape[1], keys.shape[2], shape.hidden, shape.heads, shape.head_dim
@@ -381,8 +396,8 @@ class Engine:
         slots = fwd.slots
         chunk_ok = fwd.chunk_ok()
         is_visual = slots.is_visual & chunk_ok
-        scores = fwd.scores.pop(id(compressor), None)
-        if compressor.scoring_layer() is not None and scores is None:
+        scores, score_queries = fwd.scores.pop((id(compressor), index), (None, None))
+        if index in compressor.scoring_layers() and scores is None:
             raise RuntimeError(f"{type(compressor).__name__}: no scores were computed at its scoring layer")
         # The routing token's slot, or, once pooled or dropped, the latest slot before it (the pooled token that
         # holds it: groups sit at their first member's position, in raster order).
@@ -399,6 +414,8 @@ class Engine:
             grid_shape=slots.grid_shape,
             routing=routing,
             scores=scores,
+            score_queries=score_queries,
+            state=fwd.states.setdefault(id(compressor), {}),
         )
         decision = compressor.select(view)
         fwd.full_hidden = hidden if fwd.full_hidden is None else self._restore(fwd.full_hidden, slots, hidden)
@@ -501,6 +518,33 @@ class Engine:
             return None
         allowed = allowed_keys(fwd.slots.index + fwd.past, extended.order, key_ok, cached)
         return to_implementation(allowed, fwd.implementation, self._dtype())
+
+    def _trim_caches(self, fwd: ForwardState) -> None:
+        """Output-aware cache: from layer `trim_from` on, drop from each layer's cache the visual tokens of this
+        prefill that did not reach the last layer, so decoding attends only to tokens that shaped the output."""
+        reached = torch.zeros(fwd.batch, fwd.past + fwd.length, dtype=torch.bool, device=fwd.device)
+        final = fwd.slots
+        reached[:, fwd.past :].scatter_(1, final.index, final.real)
+        visual = torch.zeros_like(reached)
+        visual[:, fwd.past :] = fwd.tokens.is_visual
+        for index, record in list(fwd.book.records.items()):
+            if index < self.trim_from:
+                continue
+            # Keep this layer's text and earlier-turn entries (padding goes too: it was masked anyway) and the
+            # visual tokens that reached the last layer.
+            order = record.order
+            keep = (record.real & ~visual.gather(1, order) & fwd.key_ok.gather(1, order)) | reached.gather(
+                1, order
+            )
+            if bool(keep.all()):
+                continue
+            columns, real = compact_columns(keep)
+            layer = fwd.cache.layers[index]
+            gather = columns[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+            fwd.book.records[index] = KeyRecord(
+                record.order.gather(1, columns), record.real.gather(1, columns) & real, False
+            )
 
     def _dtype(self) -> torch.dtype:
         return self.adapter.final_norm.weight.dtype

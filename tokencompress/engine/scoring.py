@@ -16,8 +16,8 @@ from torch import Tensor
 def query_rows(mode: str, key_ok: Tensor, is_visual: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
     """Which slots act as queries, and their weights, per row.
 
-    mode "last": the last real token of each row (the authors' FastV code). mode "text": every real text token
-    after the last visual token of the row, equally weighted (the FastV paper's "attention from all tokens"
+    mode "last": the last real token of each row (the authors' FastV code). mode "text" (and "text_rows"): every
+    real text token after the last visual token of the row, equally weighted (the FastV paper's "attention from all tokens"
     restricted to the instruction); rows with no text after the image fall back to the last token.
     Returns (columns (B, nq) long, weights (B, nq) float summing to 1 per row).
     """
@@ -55,6 +55,16 @@ def attention_received(
     probs = torch.softmax(logits, dim=-1).mean(1)
     # A zero-weight row contributes nothing, even if it is fully masked (NaN after softmax).
     return torch.where(weights[..., None] > 0, probs * weights[..., None], 0.0).sum(1)
+
+
+def attention_rows(queries: Tensor, keys: Tensor, allowed: Tensor, weights: Tensor, scaling: float) -> Tensor:
+    """(B, q, k) float32: each query row's softmax attention over the keys, mean over heads; rows of weight 0
+    (padding of short rows) are zero."""
+    groups = queries.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
+    probs = torch.softmax(logits.masked_fill(~allowed[:, None], -math.inf), dim=-1).mean(1)
+    return torch.where(weights[..., None] > 0, probs, 0.0)
 
 
 def scoring_flops(batch: int, num_queries: int, num_keys: int, hidden: int, heads: int, head_dim: int) -> int:

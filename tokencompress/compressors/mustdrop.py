@@ -1,0 +1,154 @@
+"""MustDrop: multi-stage vision token dropping, across a visual token's whole life.
+
+Liu, Shi, Hong, Hu, Yin, Zhang, "Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language
+Model", 2024. https://arxiv.org/abs/2411.10803 (code: https://github.com/liuting20/MustDrop)
+
+This file holds the prefill stage (the dual-attention filter) and the decode stage (output-aware cache); the
+vision-encoder stage (3 x 3 window merging, CLS-attention key tokens) is not implemented yet: key tokens are taken
+by the attention they receive at the first filter layer, the rule METHODS.md gives for encoders without CLS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ops import keep_counts, top_k_mask
+from ..view import VisualView
+from .base import Compressor, check_keep, register
+
+AUTHORS_LAYERS = (2, 6, 10, 14)  # of 32, 0-based: the layers whose attention filters
+AUTHORS_DEPTH = 32
+
+
+def filter_schedule(num_layers: int) -> list[int]:
+    """The authors' filter layers scaled to the model's depth, each at most L - 2 (dropping acts after it)."""
+    scaled = [math.floor(layer * num_layers / AUTHORS_DEPTH + 0.5) for layer in AUTHORS_LAYERS]
+    return sorted({min(layer, num_layers - 2) for layer in scaled})
+
+
+@register("mustdrop")
+@dataclass
+class MustDrop(Compressor):
+    """Prefill: at each filter layer, the attention of the text after the images to each visual token (mean over
+    heads) gives a global score (column sum) and an individual score (column max); a token is dropped from the
+    next layer on only if global < global_threshold x the sum of global scores over the sample's visual tokens
+    AND individual < individual_threshold. Key tokens (the top `key_ratio` of visual tokens at the first filter)
+    are never dropped. With `keep` (a ratio of each stage's input or a count), each stage instead keeps the `keep`
+    tokens with the highest margin max(global / (global_threshold x sum), individual / individual_threshold),
+    the quantity the thresholds compare with 1. Decode (`decode_stage`): when prefill ends, every layer from the
+    first filter layer on drops from its cache the visual tokens a later stage dropped.
+
+    filter_layers: 0-based layers whose attention filters (None: the authors' 2, 6, 10, 14 of 32, scaled).
+    Authors' thresholds on TextVQA: ~192 tokens 0.001/0.001, ~128 0.0012/0.001, ~64 0.011/0.01.
+    """
+
+    filter_layers: Sequence[int] | None = None
+    global_threshold: float = 0.001
+    individual_threshold: float = 0.001
+    keep: float | int | None = None
+    key_ratio: float = 0.08
+    decode_stage: bool = True
+
+    def __post_init__(self) -> None:
+        if self.filter_layers is not None:
+            layers = list(self.filter_layers)
+            if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+                raise ValueError(
+                    f"MustDrop: filter_layers must be a non-empty list of ints, got {self.filter_layers!r}"
+                )
+            if layers != sorted(set(layers)) or layers[0] < 0:
+                raise ValueError(f"MustDrop: filter_layers={layers} must be increasing and >= 0")
+            self.filter_layers = tuple(layers)
+        for name in ("global_threshold", "individual_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"MustDrop: {name} must be in [0, 1], got {value!r}")
+        if self.keep is not None:
+            check_keep("MustDrop", self.keep)
+        if not isinstance(self.key_ratio, (int, float)) or not 0 <= self.key_ratio <= 1:
+            raise ValueError(f"MustDrop: key_ratio must be in [0, 1], got {self.key_ratio!r}")
+
+    @property
+    def layer(self) -> int:  # the first layer it acts before, which orders a pipeline
+        return self.acting_layers()[0]
+
+    def check_model(self, num_layers: int) -> None:
+        if num_layers < 2:
+            raise ValueError(f"MustDrop: the model has {num_layers} decoder layer; dropping needs at least 2")
+        layers = list(self.filter_layers) if self.filter_layers is not None else filter_schedule(num_layers)
+        if layers[-1] > num_layers - 2:
+            raise ValueError(
+                f"MustDrop: filter_layers={layers} is outside this model; allowed 0..{num_layers - 2} (the model has "
+                f"{num_layers} decoder layers and tokens are dropped after each filter layer)"
+            )
+        self.resolved_layers = layers
+
+    def acting_layers(self) -> list[int]:
+        if not hasattr(self, "resolved_layers"):
+            raise RuntimeError("MustDrop: the schedule is set by compress (check_model) first")
+        return [layer + 1 for layer in self.resolved_layers]
+
+    def scoring_layers(self) -> dict[int, int]:
+        return {layer + 1: layer for layer in self.resolved_layers}
+
+    def scoring_query(self) -> str:
+        return "text_rows"
+
+    def trims_caches_from(self) -> int | None:
+        return self.resolved_layers[0] if self.decode_stage else None
+
+    def check_inputs(self, tokens: Any) -> None:
+        if isinstance(self.keep, int):
+            counts = tokens.counts()
+            smallest = int(counts[counts > 0].min()) if bool((counts > 0).any()) else 0
+            if smallest and self.keep > smallest:
+                raise ValueError(
+                    f"MustDrop: keep={self.keep} tokens is more than the {smallest} visual tokens of a sample in "
+                    "this batch; pass a count <= that or a ratio in (0, 1]"
+                )
+
+    def select(self, view: VisualView) -> Tensor:
+        rows = torch.where(view.score_queries[..., None], view.scores, 0.0)
+        global_score, individual = rows.sum(1), rows.amax(1)
+        visual = view.is_visual
+        total = torch.where(visual, global_score, 0.0).sum(1, keepdim=True)
+        margin = torch.maximum(
+            global_score / (self.global_threshold * total).clamp(min=torch.finfo(total.dtype).tiny),
+            individual / max(self.individual_threshold, torch.finfo(individual.dtype).tiny),
+        )
+        if (
+            "keys" not in view.state
+        ):  # the first filter: key tokens, by logical position, protected from now on
+            count = torch.ceil(view.counts().double() * self.key_ratio).long()
+            view.state["keys"] = set_of(view.position, top_k_mask(global_score, visual, count))
+        protected = member_of(view.position, view.state["keys"])
+        if self.keep is None:
+            kept = (global_score >= self.global_threshold * total) | (individual >= self.individual_threshold)
+        else:
+            kept = top_k_mask(margin, visual, keep_counts(view.counts(), self.keep))
+        return visual & (kept | protected)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["filter_layers"] = None if self.filter_layers is None else list(self.filter_layers)
+        return data
+
+
+def set_of(position: Tensor, mask: Tensor) -> Tensor:
+    """(B, P) bool over logical positions: True where `mask` marks a slot at that position."""
+    table = torch.zeros(position.shape[0], int(position.max()) + 1, dtype=torch.bool, device=position.device)
+    rows = torch.arange(position.shape[0], device=position.device)[:, None].expand_as(position)
+    table[rows[mask], position[mask]] = True
+    return table
+
+
+def member_of(position: Tensor, table: Tensor) -> Tensor:
+    """(B, n) bool: whether each slot's logical position is marked in `table` (B, P)."""
+    inside = position < table.shape[1]
+    return inside & table.gather(1, position.clamp(max=table.shape[1] - 1))
