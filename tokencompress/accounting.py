@@ -106,6 +106,17 @@ class ForwardStats:
         """tokens[layer][sample]."""
         return [layer.tokens for layer in self.layers]
 
+    def average_visual_tokens(self) -> list[float]:
+        """Per sample: the visual tokens each decoder layer processed, averaged over the layers.
+
+        The "N tokens" budgets of token-dropping papers are such averages, but papers differ in what they count;
+        this counts what each layer actually ran on (a layer where a stage acts counts the tokens it received).
+        """
+        if not self.layers:
+            return []
+        per_layer = [layer.visual for layer in self.layers]
+        return [sum(column) / len(per_layer) for column in zip(*per_layer, strict=True)]
+
 
 @dataclass
 class Stats:

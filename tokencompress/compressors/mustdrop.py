@@ -39,10 +39,11 @@ class MustDrop(Compressor):
     heads) gives a global score (column sum) and an individual score (column max); a token is dropped from the
     next layer on only if global < global_threshold x the sum of global scores over the sample's visual tokens
     AND individual < individual_threshold. Key tokens (the top `key_ratio` of visual tokens at the first filter)
-    are never dropped. With `keep` (a ratio of each stage's input or a count), each stage instead keeps the `keep`
-    tokens with the highest margin max(global / (global_threshold x sum), individual / individual_threshold),
-    the quantity the thresholds compare with 1. Decode (`decode_stage`): when prefill ends, every layer from the
-    first filter layer on drops from its cache the visual tokens a later stage dropped.
+    are never dropped. With `keep` (a ratio of each stage's input or a count), each stage instead keeps exactly
+    `keep` tokens: the key tokens, then the highest margin max(global / (global_threshold x sum), individual /
+    individual_threshold), the quantity the thresholds compare with 1. Decode (`decode_stage`): when prefill
+    ends, every layer from the first filter layer on (never layer 0, whose cache length transformers reads as the
+    conversation's length) drops from its cache the visual tokens a later stage dropped.
 
     filter_layers: 0-based layers whose attention filters (None: the authors' 2, 6, 10, 14 of 32, scaled).
     Authors' thresholds on TextVQA: ~192 tokens 0.001/0.001, ~128 0.0012/0.001, ~64 0.011/0.01.
@@ -71,8 +72,11 @@ class MustDrop(Compressor):
                 raise ValueError(f"MustDrop: {name} must be in [0, 1], got {value!r}")
         if self.keep is not None:
             check_keep("MustDrop", self.keep)
-        if not isinstance(self.key_ratio, (int, float)) or not 0 <= self.key_ratio <= 1:
-            raise ValueError(f"MustDrop: key_ratio must be in [0, 1], got {self.key_ratio!r}")
+        ratio = self.key_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ValueError(f"MustDrop: key_ratio must be in [0, 1], got {ratio!r}")
+        if not isinstance(self.decode_stage, bool):
+            raise TypeError(f"MustDrop: decode_stage must be True or False, got {self.decode_stage!r}")
 
     @property
     def layer(self) -> int:  # the first layer it acts before, which orders a pipeline
@@ -101,7 +105,7 @@ class MustDrop(Compressor):
         return "text_rows"
 
     def trims_caches_from(self) -> int | None:
-        return self.resolved_layers[0] if self.decode_stage else None
+        return max(self.resolved_layers[0], 1) if self.decode_stage else None
 
     def check_inputs(self, tokens: Any) -> None:
         if isinstance(self.keep, int):
@@ -122,17 +126,17 @@ class MustDrop(Compressor):
             global_score / (self.global_threshold * total).clamp(min=torch.finfo(total.dtype).tiny),
             individual / max(self.individual_threshold, torch.finfo(individual.dtype).tiny),
         )
-        if (
-            "keys" not in view.state
-        ):  # the first filter: key tokens, by logical position, protected from now on
-            count = torch.ceil(view.counts().double() * self.key_ratio).long()
+        # The first filter picks the key tokens (by logical position); no later stage drops them.
+        if "keys" not in view.state:
+            count = keep_counts(view.counts(), float(self.key_ratio))
             view.state["keys"] = set_of(view.position, top_k_mask(global_score, visual, count))
-        protected = member_of(view.position, view.state["keys"])
+        protected = visual & member_of(view.position, view.state["keys"])
         if self.keep is None:
             kept = (global_score >= self.global_threshold * total) | (individual >= self.individual_threshold)
-        else:
-            kept = top_k_mask(margin, visual, keep_counts(view.counts(), self.keep))
-        return visual & (kept | protected)
+            return visual & (kept | protected)
+        # A budget counts the key tokens: they take their places first, the highest margins fill the rest.
+        count = torch.maximum(keep_counts(view.counts(), self.keep), protected.sum(1))
+        return top_k_mask(torch.where(protected, torch.inf, margin), visual, count)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

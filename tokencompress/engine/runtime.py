@@ -85,7 +85,7 @@ class Engine:
             for acting, scoring in compressor.scoring_layers().items():
                 self.scoring.setdefault(scoring, []).append((compressor, acting))
         starts = [c.trims_caches_from() for c in self.compressors if c.trims_caches_from() is not None]
-        self.trim_from = min(starts) if starts else None
+        self.trim_from = max(min(starts), 1) if starts else None  # never layer 0: it gives the cache's length
         self.shape = adapter.shape()
         self.books: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list[Any] = []
