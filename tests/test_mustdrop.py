@@ -364,6 +364,8 @@ def test_default_filter_layers_scale_with_depth(depth, filters):
             count = math.ceil(count / 2)
         expected.append(count)
     assert counts == expected
+    # the layer-averaged visual tokens ("N tokens" budgets) count what each layer ran on
+    assert tc.stats(model).prefill.average_visual_tokens() == [sum(expected) / depth]
 
 
 # -- 2. removal equals masking ---------------------------------------------------------------------------------
