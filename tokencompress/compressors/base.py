@@ -125,6 +125,20 @@ def check_layer(owner: str, layer: int) -> None:
         raise ValueError(f"{owner}: layer={layer} must be >= 1 (pruning happens between decoder layers)")
 
 
+def schedule_after(owner: str, name: str, num_layers: int, given: Any, default: list[int]) -> list[int]:
+    """The layers after which a multi-stage method acts (`given`, else `default`), checked against the model:
+    each at most L - 2, since acting after the last layer saves nothing."""
+    if num_layers < 2:
+        raise ValueError(f"{owner}: the model has {num_layers} decoder layer; it needs at least 2")
+    layers = list(given) if given is not None else default
+    if layers[-1] > num_layers - 2:
+        raise ValueError(
+            f"{owner}: {name}={layers} is outside this model; allowed 0..{num_layers - 2} (the model has "
+            f"{num_layers} decoder layers and acting after the last one saves nothing)"
+        )
+    return layers
+
+
 class TokenDropper(Compressor):
     """Base of methods that drop visual tokens once: score them, keep the top `keep` per sample.
 

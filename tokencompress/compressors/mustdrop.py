@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..ops import keep_counts, top_k_mask
 from ..view import VisualView
-from .base import Compressor, check_keep, register
+from .base import Compressor, check_keep, register, schedule_after
 
 AUTHORS_LAYERS = (2, 6, 10, 14)  # of 32, 0-based: the layers whose attention filters
 AUTHORS_DEPTH = 32
@@ -83,15 +83,10 @@ class MustDrop(Compressor):
         return self.acting_layers()[0]
 
     def check_model(self, num_layers: int) -> None:
-        if num_layers < 2:
-            raise ValueError(f"MustDrop: the model has {num_layers} decoder layer; dropping needs at least 2")
-        layers = list(self.filter_layers) if self.filter_layers is not None else filter_schedule(num_layers)
-        if layers[-1] > num_layers - 2:
-            raise ValueError(
-                f"MustDrop: filter_layers={layers} is outside this model; allowed 0..{num_layers - 2} (the model has "
-                f"{num_layers} decoder layers and tokens are dropped after each filter layer)"
-            )
-        self.resolved_layers = layers
+        default = filter_schedule(num_layers) if num_layers >= 2 else []
+        self.resolved_layers = schedule_after(
+            "MustDrop", "filter_layers", num_layers, self.filter_layers, default
+        )
 
     def acting_layers(self) -> list[int]:
         if not hasattr(self, "resolved_layers"):

@@ -16,11 +16,10 @@ from torch import Tensor
 
 from ..pooling import grid_groups, pool
 from ..view import Merge, VisualTokens, VisualView
-from .base import Compressor, register
+from .base import Compressor, register, schedule_after
 
-STAGES = (
-    3  # the authors' DPE layers: after layers 7, 15 and 23 of 32, i.e. after 1/4, 2/4 and 3/4 of the depth
-)
+# The authors' DPE layers: after layers 7, 15 and 23 of 32, i.e. after 1/4, 2/4 and 3/4 of the depth.
+STAGES = 3
 
 
 def depth_schedule(num_layers: int, stages: int = STAGES) -> list[int]:
@@ -71,19 +70,9 @@ class PyramidCompressor(Compressor):
     def layer(self) -> int:  # the first layer it acts before, which orders a pipeline
         return self.acting_layers()[0]
 
-    def stages(self) -> int:
-        return len(self.after_layers) if self.after_layers is not None else STAGES
-
     def check_model(self, num_layers: int) -> None:
-        name = type(self).__name__
-        if num_layers < 2:
-            raise ValueError(f"{name}: the model has {num_layers} decoder layer; pooling needs at least 2")
-        after = list(self.after_layers) if self.after_layers is not None else depth_schedule(num_layers)
-        if after[-1] > num_layers - 2:
-            raise ValueError(
-                f"{name}: after_layers={after} is outside this model; allowed 0..{num_layers - 2} (the model "
-                f"has {num_layers} decoder layers and pooling after the last one saves nothing)"
-            )
+        default = depth_schedule(num_layers) if num_layers >= 2 else []
+        after = schedule_after(type(self).__name__, "after_layers", num_layers, self.after_layers, default)
         self.stages_layers = [a + 1 for a in after]
 
     def acting_layers(self) -> list[int]:
