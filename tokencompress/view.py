@@ -78,7 +78,8 @@ class Merge:
     values: (B, G, hidden) the new token of each group (rows past a sample's own G_b are ignored).
     image_index, grid_row, grid_col: (B, G) where each new token sits; grid_shape: per sample, per grid, the
     grid's (rows, cols) after the merge. info: per-sample tensors the engine reports in the forward's stats
-    (e.g. the expert each sample chose); aux_loss: a scalar added to the training loss, or None.
+    (e.g. the expert each sample chose); aux_loss: a scalar added to the training loss, or None; extra_flops: the
+    compressor's own matmul FLOPs for this decision (e.g. a router), counted in the analytic FLOPs.
     """
 
     group: Tensor
