@@ -1,5 +1,6 @@
-"""One file per method. A new method: a dataclass subclassing Compressor (or TokenDropper), decorated with
-@register("name"), imported here."""
+"""One file per method. A new method: a dataclass subclassing Compressor (or TokenDropper; an nn.Module where it
+has trainable parts, like DPN), decorated with @register("name"), imported here. Its `select` returns a keep mask
+or a Merge; shared tensor code lives in tokencompress/ops.py, pooling.py and window_merge.py."""
 
 from .base import Compressor, TokenDropper, build, register, registry
 from .dpn import DPN
