@@ -4,7 +4,9 @@ Dropping visual tokens before decoder layer K must equal running the *uncompress
 masking the dropped tokens' key columns out of attention from layer K on. `MaskingReference` does exactly that
 with its own forward pre-hooks on the decoder layers: each layer's `attention_mask` is replaced by a 4-D mask
 built here from scratch (causal by sequence index, padding keys masked, dropped keys masked from layer K on),
-for prefill, full forwards and cached decode steps (greedy, sampling, beam search) alike.
+for prefill, full forwards and cached decode steps (greedy, sampling, beam search) alike. `MultiStageReference`
+generalises it to a drop layer per token (multi-stage methods), and to a second one for the queries after the
+prompt (an output-aware cache, as the decode steps see it); `MaskingReference` is its single-layer case.
 
 `fastv_kept` recomputes FastV's choice with eager attention (`output_attentions=True`) on an uncompressed model,
 so the engine's kept set can be checked against an independent computation too.
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+NEVER = 1 << 30  # drop layer of a token that is never dropped
+
 
 def generation_positions(attention_mask: Tensor) -> Tensor:
     """The position ids HF `generate` uses: cumulative count of real tokens minus one, 0 at padding."""
@@ -40,59 +44,64 @@ def expected_keep_count(num_visual: int, keep: float | int) -> int:
     return min(num_visual, keep)
 
 
-def reference_mask(
+def multistage_mask(
     pad: Tensor,
     past: int,
     num_queries: int,
-    dropped: Tensor | None,
+    layer: int,
+    prompt_drop: Tensor,
+    later_drop: Tensor,
     implementation: str,
     dtype: torch.dtype,
 ) -> Tensor:
-    """The 4-D attention mask of one decoder layer of the uncompressed reference.
+    """The 4-D attention mask of decoder layer `layer` of the uncompressed reference.
 
-    pad: (B, past + q) 2-D padding mask over every key (1 = real). Queries are the last q keys. dropped: (B, k')
-    bool over the first k' sequence indices (the prompt), or None before layer K. Every query row sees its own key
-    so no row is fully masked (those rows belong to padding or dropped tokens; their outputs are meaningless).
-    Returns bool (B, 1, q, k) for sdpa, additive float (finfo.min where masked) for eager.
+    pad: (B, past + q) padding mask over every key (1 = real); the queries are the last q keys. prompt_drop and
+    later_drop: (B, P) the first layer from which each of the P prompt positions is masked as a key, for queries
+    inside the prompt and for queries after it. Causal by sequence index; every query sees its own key (rows of
+    padding or dropped tokens must not be fully masked; their outputs are never used).
     """
     batch, keys = pad.shape
     if keys != past + num_queries:
-        raise AssertionError(
-            f"padding mask covers {keys} keys but the layer has {past} cached + {num_queries} new"
-        )
-    key_index = torch.arange(keys, device=pad.device)
-    query_index = past + torch.arange(num_queries, device=pad.device)
+        raise AssertionError(f"the padding mask covers {keys} keys but the layer has {past} + {num_queries}")
+    device = pad.device
+    key_index = torch.arange(keys, device=device)
+    query_index = past + torch.arange(num_queries, device=device)
     allowed = (key_index[None, None, :] <= query_index[None, :, None]) & pad.bool()[:, None, :]
-    if dropped is not None:
-        covered = min(dropped.shape[1], keys)
-        visible = torch.ones(batch, keys, dtype=torch.bool, device=pad.device)
-        visible[:, :covered] = ~dropped[:, :covered].to(pad.device)
-        allowed = allowed & visible[:, None, :]
-    own = torch.arange(num_queries, device=pad.device)
+    prompt = prompt_drop.shape[1]
+    covered = min(prompt, keys)
+    hidden_in_prompt = torch.zeros(batch, keys, dtype=torch.bool, device=device)
+    hidden_later = torch.zeros(batch, keys, dtype=torch.bool, device=device)
+    hidden_in_prompt[:, :covered] = prompt_drop[:, :covered].to(device) <= layer
+    hidden_later[:, :covered] = later_drop[:, :covered].to(device) <= layer
+    in_prompt = (query_index < prompt)[None, :, None]
+    hidden = torch.where(in_prompt, hidden_in_prompt[:, None, :], hidden_later[:, None, :])
+    allowed = allowed & ~hidden
+    own = torch.arange(num_queries, device=device)
     allowed[:, own, past + own] = True
     mask = allowed[:, None]
     if implementation == "sdpa":
         return mask
     if implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min
-        )
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     raise ValueError(f"the reference supports eager and sdpa, not {implementation!r}")
 
 
-class MaskingReference:
-    """Context manager: while active, `model` (an uncompressed LLaVA or Qwen-VL model) masks the key
-    columns marked in `dropped` (B, L_prompt) bool out of attention in decoder layers >= `layer`.
+class MultiStageReference:
+    """Context manager: while active, the uncompressed `model` masks prompt position j of sample b out of
+    attention (as a key) in every decoder layer >= drop[b, j] for the prompt's queries, and >= later[b, j]
+    (default: drop) for queries after the prompt (decode steps, or generated tokens in a full forward).
 
-    Works for any forward or `generate` call: the 2-D padding mask is read at the text model's entry (None means
-    no padding), the cached length per layer from the cache itself. A batch that is a multiple of `dropped`'s
-    (beam search, num_return_sequences) repeats each sample's row for its consecutive copies.
+    drop, later: (B, P) integer layers, `NEVER` for tokens never masked. A batch that is a multiple of B (beam
+    search) repeats each sample's row for its consecutive copies.
     """
 
-    def __init__(self, model: nn.Module, layer: int, dropped: Tensor) -> None:
+    def __init__(self, model: nn.Module, drop: Tensor, later: Tensor | None = None) -> None:
         self.model = model
-        self.layer = layer
-        self.dropped = dropped.bool()
+        self.drop = drop.long()
+        self.later = self.drop if later is None else later.long()
+        if self.later.shape != self.drop.shape:
+            raise AssertionError("drop and later must have the same shape")
         self.handles: list[Any] = []
         self.pad: Tensor | None = None
         self.calls = 0
@@ -103,7 +112,7 @@ class MaskingReference:
         # the LLaVA codebase family: the LLaMA decoder is the inner model itself
         return inner.language_model if hasattr(inner, "language_model") else self.model.get_model()
 
-    def __enter__(self) -> MaskingReference:
+    def __enter__(self) -> Any:
         self.handles.append(self.text_model.register_forward_pre_hook(self._on_text, with_kwargs=True))
         for index, layer in enumerate(self.text_model.layers):
             self.handles.append(
@@ -121,18 +130,16 @@ class MaskingReference:
     def _on_text(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
-            raise AssertionError(
-                f"the reference expects the 2-D padding mask at the text model, got {mask.dim()}-D"
-            )
+            raise AssertionError(f"the reference expects the 2-D padding mask, got {mask.dim()}-D")
         self.pad = mask
 
-    def _dropped_for(self, batch: int) -> Tensor:
-        rows = self.dropped.shape[0]
+    def _rows(self, table: Tensor, batch: int) -> Tensor:
+        rows = table.shape[0]
         if batch == rows:
-            return self.dropped
+            return table
         if batch % rows:
-            raise AssertionError(f"batch {batch} is not a multiple of the {rows} rows of the dropped mask")
-        return self.dropped.repeat_interleave(batch // rows, dim=0)
+            raise AssertionError(f"batch {batch} is not a multiple of the reference's {rows} rows")
+        return table.repeat_interleave(batch // rows, dim=0)
 
     def _on_layer(self, index: int, args: tuple, kwargs: dict) -> tuple:
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -142,11 +149,32 @@ class MaskingReference:
         pad = self.pad
         if pad is None:
             pad = torch.ones(batch, past + queries, dtype=torch.long, device=hidden.device)
-        dropped = self._dropped_for(batch) if index >= self.layer else None
         implementation = self.model.config.get_text_config()._attn_implementation
-        kwargs["attention_mask"] = reference_mask(pad, past, queries, dropped, implementation, hidden.dtype)
+        kwargs["attention_mask"] = multistage_mask(
+            pad,
+            past,
+            queries,
+            index,
+            self._rows(self.drop, batch),
+            self._rows(self.later, batch),
+            implementation,
+            hidden.dtype,
+        )
         self.calls += 1
         return (hidden, *args[1:]), kwargs
+
+
+class MaskingReference(MultiStageReference):
+    """Context manager: while active, `model` (an uncompressed LLaVA or Qwen-VL model) masks the key
+    columns marked in `dropped` (B, L_prompt) bool out of attention in decoder layers >= `layer`.
+
+    Works for any forward or `generate` call: the 2-D padding mask is read at the text model's entry (None means
+    no padding), the cached length per layer from the cache itself. A batch that is a multiple of `dropped`'s
+    (beam search, num_return_sequences) repeats each sample's row for its consecutive copies.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, dropped: Tensor) -> None:
+        super().__init__(model, torch.where(dropped.bool(), layer, NEVER))
 
 
 def fastv_kept(

@@ -3,7 +3,7 @@ layers, 36 visual tokens per image), Qwen2-VL and Qwen2.5-VL (4 decoder layers: 
 
 Every decision is checked against `multistage_reference.mustdrop_by_hand`, which recomputes each stage from eager
 attention maps (`output_attentions=True`) of an uncompressed model, and every logit against
-`multistage_reference.MultiStageReference`, an independent implementation (own hooks, own masks) of "keep the full
+`reference.MultiStageReference`, an independent implementation (own hooks, own masks) of "keep the full
 sequence, mask each dropped token's key column from the layer after its stage on" (and, for the decode stage,
 "mask the finally dropped visual tokens for the generated tokens' queries from the first filter layer on").
 
@@ -31,8 +31,8 @@ from helpers import (
     measure_flops,
     second_turn,
 )
-from multistage_reference import NEVER, MultiStageReference, count_of, mustdrop_by_hand
-from reference import generation_positions
+from multistage_reference import mustdrop_by_hand
+from reference import NEVER, MultiStageReference, expected_keep_count, generation_positions
 
 import tokencompress as tc
 from tokencompress.tiny import IMAGE_TOKEN_ID as LLAVA_IMAGE_TOKEN_ID
@@ -263,7 +263,7 @@ def test_keep_budget_by_hand(family, keep):
     check_against_hand(model, inputs, family, hand)
     for stage in hand.stages:
         for b, columns in enumerate(stage.candidates):
-            assert len(stage.by_rule[b]) == count_of(len(columns), keep)
+            assert len(stage.by_rule[b]) == expected_keep_count(len(columns), keep)
     if isinstance(keep, float):  # a ratio compounds over the stages
         counts = [len(c) for c in hand.stages[0].candidates]
         assert all(len(k) < n for k, n in zip(hand.final, counts, strict=True) if n)
