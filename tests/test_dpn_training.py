@@ -370,6 +370,20 @@ def test_routing_loss_uses_the_argmax_expert_in_training():
 # -- which token the router reads ------------------------------------------------------------------------------
 
 
+def routed(model, inputs: dict) -> tuple[tc.DPN, torch.Tensor]:
+    """Compress with a one-stage DPN (random routers, temperature 1), run `inputs` in eval mode, and return the
+    DPN with the hidden states its router read."""
+    dpn = tc.DPN(after_layers=[1], temperature=1.0)
+    tc.compress(model, dpn)
+    randomize_routers(dpn, seed=8)
+    seen = []
+    dpn.routers[0].register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+    return dpn, seen[0]
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("labels", [True, False])
 def test_router_reads_the_last_prompt_token(padding_side, labels):
@@ -386,17 +400,9 @@ def test_router_reads_the_last_prompt_token(padding_side, labels):
     assert (expected != other).sum() == 2  # the rule matters for samples 0 and 1
     states = states_before(model, inputs, layer=2)
 
-    dpn = tc.DPN(after_layers=[1], temperature=1.0)
-    tc.compress(model, dpn)
-    randomize_routers(dpn, seed=8)
-    seen = []
-    dpn.routers[0].register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
-    model.eval()
-    with torch.no_grad():
-        model(**inputs)
-
+    dpn, seen = routed(model, inputs)
     rows = torch.arange(3)
-    torch.testing.assert_close(seen[0], states[rows, expected], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen, states[rows, expected], atol=1e-5, rtol=1e-5)
     probs = router_probabilities(dpn, 0, states[rows, expected])
     decision = tc.stats(model).prefill.decisions[2]
     assert decision["expert"].tolist() == probs.argmax(1).tolist()
@@ -416,15 +422,8 @@ def test_plain_language_model_labels_route_by_the_last_real_token():
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE)
     labels = labels.masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, IGNORE)
     states = states_before(model, inputs, layer=2)
-    dpn = tc.DPN(after_layers=[1], temperature=1.0)
-    tc.compress(model, dpn)
-    randomize_routers(dpn, seed=8)
-    seen = []
-    dpn.routers[0].register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
-    model.eval()
-    with torch.no_grad():
-        model(**inputs, labels=labels)
-    torch.testing.assert_close(seen[0], states[torch.arange(2), last_real(inputs)], atol=1e-5, rtol=1e-5)
+    _, seen = routed(model, {**inputs, "labels": labels})
+    torch.testing.assert_close(seen, states[torch.arange(2), last_real(inputs)], atol=1e-5, rtol=1e-5)
 
 
 # -- the min_tokens guard --------------------------------------------------------------------------------------

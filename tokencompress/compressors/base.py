@@ -125,18 +125,37 @@ def check_layer(owner: str, layer: int) -> None:
         raise ValueError(f"{owner}: layer={layer} must be >= 1 (pruning happens between decoder layers)")
 
 
-def schedule_after(owner: str, name: str, num_layers: int, given: Any, default: list[int]) -> list[int]:
-    """The layers after which a multi-stage method acts (`given`, else `default`), checked against the model:
-    each at most L - 2, since acting after the last layer saves nothing."""
-    if num_layers < 2:
-        raise ValueError(f"{owner}: the model has {num_layers} decoder layer; it needs at least 2")
-    layers = list(given) if given is not None else default
-    if layers[-1] > num_layers - 2:
-        raise ValueError(
-            f"{owner}: {name}={layers} is outside this model; allowed 0..{num_layers - 2} (the model has "
-            f"{num_layers} decoder layers and acting after the last one saves nothing)"
-        )
-    return layers
+class MultiStageCompressor(Compressor):
+    """A method that acts after each of several decoder layers (`after`, resolved against the model by
+    `resolve_schedule` in `check_model`), i.e. before each of its `acting_layers`."""
+
+    after: list[int]
+
+    @property
+    def layer(self) -> int:  # the first layer it acts before, which orders a pipeline
+        return self.acting_layers()[0]
+
+    def resolve_schedule(self, num_layers: int, name: str, given: Any, default: Any) -> None:
+        """`given` layers, else `default(num_layers)`, each at most L - 2 (acting after the last saves nothing)."""
+        owner = type(self).__name__
+        if num_layers < 2:
+            raise ValueError(f"{owner}: the model has {num_layers} decoder layer; it needs at least 2")
+        layers = list(given) if given is not None else default(num_layers)
+        if layers[-1] > num_layers - 2:
+            raise ValueError(
+                f"{owner}: {name}={layers} is outside this model; allowed 0..{num_layers - 2} (the model has "
+                f"{num_layers} decoder layers and acting after the last one saves nothing)"
+            )
+        self.after = layers
+
+    def acting_layers(self) -> list[int]:
+        if not hasattr(self, "after"):
+            raise RuntimeError(f"{type(self).__name__}: the schedule is set by compress (check_model) first")
+        return [a + 1 for a in self.after]
+
+    def stage(self, view: VisualView) -> int:
+        """Which stage acts on this view (0 for the first)."""
+        return self.acting_layers().index(view.layer)
 
 
 class TokenDropper(Compressor):

@@ -120,7 +120,7 @@ class DPN(PyramidCompressor, nn.Module):
 
     def bind(self, shape: DecoderShape, reference: Tensor) -> None:
         """One router (and, for conv pooling, one kernel per expert) per stage, sized to the model."""
-        stages = len(self.stages_layers)
+        stages = len(self.after)
         if len(self.routers):
             hidden = self.routers[0].norm.normalized_shape[0]
             if hidden != shape.hidden or len(self.routers) != stages:

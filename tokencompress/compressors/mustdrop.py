@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..ops import keep_counts, top_k_mask
 from ..view import VisualView
-from .base import Compressor, check_keep, register, schedule_after
+from .base import MultiStageCompressor, check_keep, register
 
 AUTHORS_LAYERS = (2, 6, 10, 14)  # of 32, 0-based: the layers whose attention filters
 AUTHORS_DEPTH = 32
@@ -34,7 +34,7 @@ def filter_schedule(num_layers: int) -> list[int]:
 
 @register("mustdrop")
 @dataclass
-class MustDrop(Compressor):
+class MustDrop(MultiStageCompressor):
     """Prefill: at each filter layer, the attention of the text after the images to each visual token (mean over
     heads) gives a global score (column sum) and an individual score (column max); a token is dropped from the
     next layer on only if global < global_threshold x the sum of global scores over the sample's visual tokens
@@ -78,29 +78,17 @@ class MustDrop(Compressor):
         if not isinstance(self.decode_stage, bool):
             raise TypeError(f"MustDrop: decode_stage must be True or False, got {self.decode_stage!r}")
 
-    @property
-    def layer(self) -> int:  # the first layer it acts before, which orders a pipeline
-        return self.acting_layers()[0]
-
     def check_model(self, num_layers: int) -> None:
-        default = filter_schedule(num_layers) if num_layers >= 2 else []
-        self.resolved_layers = schedule_after(
-            "MustDrop", "filter_layers", num_layers, self.filter_layers, default
-        )
-
-    def acting_layers(self) -> list[int]:
-        if not hasattr(self, "resolved_layers"):
-            raise RuntimeError("MustDrop: the schedule is set by compress (check_model) first")
-        return [layer + 1 for layer in self.resolved_layers]
+        self.resolve_schedule(num_layers, "filter_layers", self.filter_layers, filter_schedule)
 
     def scoring_layers(self) -> dict[int, int]:
-        return {layer + 1: layer for layer in self.resolved_layers}
+        return {layer + 1: layer for layer in self.after}
 
     def scoring_query(self) -> str:
         return "text_rows"
 
     def trims_caches_from(self) -> int | None:
-        return max(self.resolved_layers[0], 1) if self.decode_stage else None
+        return max(self.after[0], 1) if self.decode_stage else None
 
     def check_inputs(self, tokens: Any) -> None:
         if isinstance(self.keep, int):

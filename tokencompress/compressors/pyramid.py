@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..pooling import grid_groups, pool
 from ..view import Merge, VisualTokens, VisualView
-from .base import Compressor, register, schedule_after
+from .base import MultiStageCompressor, register
 
 # The authors' DPE layers: after layers 7, 15 and 23 of 32, i.e. after 1/4, 2/4 and 3/4 of the depth.
 STAGES = 3
@@ -55,33 +55,17 @@ def normalize_after_layers(owner: str, after_layers: Any) -> tuple[int, ...] | N
     return layers
 
 
-class PyramidCompressor(Compressor):
+class PyramidCompressor(MultiStageCompressor):
     """Shared by the pooling pyramids: the stage schedule and the grid check.
 
-    Subclasses set `after_layers` (None: scaled to the model) and `min_grid_tokens`, and call `resolve` from
-    `check_model`.
+    Subclasses set `after_layers` (None: scaled to the model) and `min_grid_tokens`.
     """
 
     after_layers: tuple[int, ...] | None
     min_grid_tokens: int
-    stages_layers: list[int]
-
-    @property
-    def layer(self) -> int:  # the first layer it acts before, which orders a pipeline
-        return self.acting_layers()[0]
 
     def check_model(self, num_layers: int) -> None:
-        default = depth_schedule(num_layers) if num_layers >= 2 else []
-        after = schedule_after(type(self).__name__, "after_layers", num_layers, self.after_layers, default)
-        self.stages_layers = [a + 1 for a in after]
-
-    def acting_layers(self) -> list[int]:
-        if not hasattr(self, "stages_layers"):
-            raise RuntimeError(f"{type(self).__name__}: the schedule is set by compress (check_model) first")
-        return list(self.stages_layers)
-
-    def stage(self, view: VisualView) -> int:
-        return self.stages_layers.index(view.layer)
+        self.resolve_schedule(num_layers, "after_layers", self.after_layers, depth_schedule)
 
     def check_inputs(self, tokens: VisualTokens) -> None:
         if not tokens.grid_shape:  # the adapter lays the grids out later, from the text model's inputs
@@ -134,9 +118,9 @@ class StaticPyramid(PyramidCompressor):
 
     def check_model(self, num_layers: int) -> None:
         super().check_model(num_layers)
-        if len(self.kernels) > 1 and len(self.kernels) != len(self.stages_layers):
+        if len(self.kernels) > 1 and len(self.kernels) != len(self.after):
             raise ValueError(
-                f"StaticPyramid: {len(self.kernels)} kernels for the {len(self.stages_layers)} stages this model "
+                f"StaticPyramid: {len(self.kernels)} kernels for the {len(self.after)} stages this model "
                 "gets; give one kernel for all stages or one per stage"
             )
 

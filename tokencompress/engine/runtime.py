@@ -228,9 +228,8 @@ class Engine:
         tokens, self.pending_tokens = self.pending_tokens, None
         if tokens is not None and tuple(tokens.image_index.shape) != (batch, length):
             tokens = None
-        pending_grids = tokens is not None and not tokens.grid_shape
         tokens = self.adapter.complete_visual_tokens(tokens, kwargs)
-        if tokens is not None and (pending_grids or tokens is not self.checked_tokens):
+        if tokens is not None and tokens is not self.checked_tokens:
             for compressor in self.compressors:  # the layout is complete only now (grids, spliced images)
                 compressor.check_inputs(tokens)
         additions = self.adapter.take_layer_additions(kwargs)

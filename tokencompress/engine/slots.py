@@ -37,7 +37,7 @@ class Slots:
     def full(cls, batch: int, length: int, device: torch.device, tokens: VisualTokens | None) -> Slots:
         index = torch.arange(length, device=device).expand(batch, length)
         if tokens is None:
-            none = torch.full((batch, length), -1, dtype=torch.long, device=device)
+            none = torch.full((1, 1), -1, dtype=torch.long, device=device).expand(batch, length)
             grids: tuple[Tensor, Tensor, Tensor] = (none, none, none)
             shapes: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
         else:
