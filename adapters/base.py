@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from tokencompress.accounting import DecoderShape
+from tokencompress.engine.encoder import VisionEncoder
 from tokencompress.engine.scoring import apply_rotary
 from tokencompress.view import VisualTokens
 
@@ -104,6 +105,17 @@ class Adapter:
         their forward, as the splice moved them); default: as given."""
         return labels
 
+    def vision_encoder(self) -> VisionEncoder | None:
+        """The model's ViT, for compressors that shorten it (MustDrop's vision stage) and for counting its FLOPs;
+        None where the adapter cannot say which prompt slot each patch becomes (`encoder_patches`). Default: None."""
+        return None
+
+    def encoder_patches(self, tokens: VisualTokens) -> Tensor | None:
+        """(B, L) long: for each visual slot, the encoder patch its feature comes from, as row x patches + patch
+        (row: the image's place in the encoder's batch; patch: raster index on its grid), -1 elsewhere; None when
+        this input's layout does not map onto the encoder's patches. Needed where `vision_encoder` is given."""
+        return None
+
     def addition_layers(self) -> list[int]:
         """Decoder layers that may receive such additions."""
         return []
@@ -159,3 +171,15 @@ def check_media_runs(placeholder: Tensor, sizes: list[int], kind: str) -> None:
             f"the {kind} sizes do not match the runs of {kind} placeholder tokens: the {kind}s given take {sizes} "
             "tokens in order, which do not fall on the placeholder runs of the prompt"
         )
+
+
+def grid_patches(tokens: VisualTokens, side: int) -> Tensor | None:
+    """`encoder_patches` for models whose every grid is one image's side x side patch grid, the images in sequence
+    order (sample by sample) being the encoder's batch rows; None for any other layout."""
+    if any(shape != (side, side) for shapes in tokens.grid_shape for shape in shapes):
+        return None
+    per_sample = torch.tensor([len(shapes) for shapes in tokens.grid_shape], device=tokens.image_index.device)
+    first_row = (per_sample.cumsum(0) - per_sample)[:, None]
+    on_grid = tokens.is_visual & (tokens.grid_row >= 0) & (tokens.grid_col >= 0)
+    flat = (first_row + tokens.image_index) * side * side + tokens.grid_row * side + tokens.grid_col
+    return torch.where(on_grid, flat, -1)

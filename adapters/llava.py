@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from tokencompress.engine.encoder import VisionEncoder, clip_style_encoder
 from tokencompress.view import VisualTokens
 
-from .base import Adapter
+from .base import Adapter, grid_patches
 
 
 class LlavaAdapter(Adapter):
@@ -32,6 +33,12 @@ class LlavaAdapter(Adapter):
             )
             and hasattr(model, "lm_head")
         )
+
+    def vision_encoder(self) -> VisionEncoder | None:
+        return clip_style_encoder(self.model.model.vision_tower)
+
+    def encoder_patches(self, tokens: VisualTokens) -> Tensor | None:
+        return grid_patches(tokens, self.grid_side())
 
     def grid_side(self) -> int:
         vision = self.model.config.vision_config

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokencompress.engine.encoder import VisionEncoder, clip_style_encoder
 from tokencompress.view import VisualTokens
 
-from .base import Adapter
+from .base import Adapter, grid_patches
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
@@ -58,6 +59,16 @@ class LlavaCodebaseAdapter(Adapter):
     @property
     def text_config(self) -> Any:
         return self.model.config
+
+    def vision_encoder(self) -> VisionEncoder | None:
+        """The transformers vision model inside the codebase's tower wrapper (`tower.vision_tower`)."""
+        inner = self.model.get_model()
+        tower = inner.get_vision_tower() if hasattr(inner, "get_vision_tower") else None
+        return clip_style_encoder(getattr(tower, "vision_tower", None))
+
+    def encoder_patches(self, tokens: VisualTokens) -> Tensor | None:
+        side = self._side(0)
+        return grid_patches(tokens, side) if side else None
 
     # -- validation before any work -------------------------------------------------------------------------
     def visual_tokens(self, inputs: dict[str, Any]) -> VisualTokens | None:

@@ -12,6 +12,9 @@ models here have their query and key projections scaled by GAIN (sharper attenti
 robust share of the tokens and the hand computation asserts that no decision hinges on float noise. (Qwen3-VL
 is left out: its tiny model's scores need other thresholds to drop at several stages; its DeepStack path is
 covered by the FastV/RandomDrop tests.)
+
+These tests isolate the prefill and decode stages (`vision_stage=False`); tests/test_mustdrop_vision.py covers the
+vision stage and the stages together.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ VISUAL_IDS = {
 # A random model may generate a placeholder id; a full forward over prompt + generated tokens would then count
 # more placeholders than features.
 GENERATE = {"suppress_tokens": [LLAVA_IMAGE_TOKEN_ID, QWEN_IMAGE_TOKEN_ID, VIDEO_TOKEN_ID]}
+
+PrefillMustDrop = functools.partial(tc.MustDrop, vision_stage=False)
 
 
 # -- models, inputs, hand decisions ------------------------------------------------------------------------------
@@ -202,7 +207,7 @@ def test_identity_when_every_token_passes(family):
         expected_tokens = model.generate(**generate_inputs(inputs), **kwargs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = forward_hooks(model)
-    tc.compress(model, tc.MustDrop(global_threshold=0.0, individual_threshold=1.0))
+    tc.compress(model, PrefillMustDrop(global_threshold=0.0, individual_threshold=1.0))
     with torch.no_grad():
         assert_close_at(model(**inputs).logits, expected, real, atol=1e-5)
         assert all(
@@ -226,7 +231,7 @@ def test_identity_when_every_token_passes(family):
 def test_thresholds_by_hand(family, padding_side):
     """Each stage drops a visual token iff global < g x sum(global) and individual < i (key tokens excepted),
     from the attention of its filter layer over the survivors of the earlier stages."""
-    compressor = tc.MustDrop(**THRESHOLDS)
+    compressor = PrefillMustDrop(**THRESHOLDS)
     model, inputs, _ = run_prefill(family, "sdpa", "b3", compressor, padding_side)
     hand = by_hand(family, inputs, compressor)
     check_against_hand(model, inputs, family, hand)
@@ -257,7 +262,7 @@ def test_thresholds_by_hand(family, padding_side):
 def test_keep_budget_by_hand(family, keep):
     """With `keep`, each stage keeps its top count(N_stage, keep) by max(global / (g x sum), individual / i),
     plus the key tokens."""
-    compressor = tc.MustDrop(keep=keep, **THRESHOLDS)
+    compressor = PrefillMustDrop(keep=keep, **THRESHOLDS)
     model, inputs, _ = run_prefill(family, "sdpa", "b3", compressor)
     hand = by_hand(family, inputs, compressor)
     check_against_hand(model, inputs, family, hand)
@@ -273,7 +278,7 @@ def test_keep_budget_by_hand(family, keep):
 def test_key_tokens_survive_every_stage(family):
     """Thresholds no token passes: only the key tokens (the top ceil(key_ratio x N) by global score at the first
     filter layer) survive, at every stage."""
-    compressor = tc.MustDrop(global_threshold=1.0, individual_threshold=1.0, key_ratio=0.25)
+    compressor = PrefillMustDrop(global_threshold=1.0, individual_threshold=1.0, key_ratio=0.25)
     model, inputs, _ = run_prefill(family, "sdpa", "b3", compressor)
     hand = by_hand(family, inputs, compressor)
     check_against_hand(model, inputs, family, hand)
@@ -288,7 +293,7 @@ def test_key_tokens_survive_every_stage(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_key_tokens_protected_against_later_stages(family):
     """Real thresholds: some key tokens fall below both thresholds at some stage and stay anyway."""
-    compressor = tc.MustDrop(key_ratio=0.25, **THRESHOLDS)
+    compressor = PrefillMustDrop(key_ratio=0.25, **THRESHOLDS)
     model, inputs, _ = run_prefill(family, "sdpa", "b3", compressor)
     hand = by_hand(family, inputs, compressor)
     check_against_hand(model, inputs, family, hand)
@@ -307,7 +312,7 @@ def test_key_tokens_protected_against_later_stages(family):
 def test_no_key_tokens_can_drop_everything(family):
     """key_ratio=0 and thresholds no token passes: every visual token goes after the first filter layer; later
     stages see samples without visual tokens, and the logits are the masked reference's."""
-    compressor = tc.MustDrop(global_threshold=1.0, individual_threshold=1.0, key_ratio=0.0)
+    compressor = PrefillMustDrop(global_threshold=1.0, individual_threshold=1.0, key_ratio=0.0)
     model, inputs, logits = run_prefill(family, "sdpa", "b3", compressor)
     hand = by_hand(family, inputs, compressor)
     check_against_hand(model, inputs, family, hand)
@@ -321,7 +326,7 @@ def test_no_key_tokens_can_drop_everything(family):
 def test_prompt_ending_with_the_image_queries_from_the_last_token(implementation):
     """A sample with no text after its image: the query row is its last token still in the sequence. Here the
     first stage drops that token itself (a visual token), so later stages query from the last surviving one."""
-    compressor = tc.MustDrop(**THRESHOLDS)
+    compressor = PrefillMustDrop(**THRESHOLDS)
     model = fresh_model("llava", implementation)
     inputs = with_positions(tiny_llava_inputs(model, [(4, 0), (2, 5)], [1, 1]))
     tc.compress(model, compressor)
@@ -340,7 +345,7 @@ def test_key_token_count_is_ceil_of_the_decimal_ratio():
     thresholds of 1)."""
     model = fresh_model("qwen2_vl")
     inputs = tiny_qwen_inputs(model, [[("text", 2), ("image", (10, 10)), ("text", 3)]])
-    tc.compress(model, tc.MustDrop(global_threshold=1.0, individual_threshold=1.0, key_ratio=0.28))
+    tc.compress(model, PrefillMustDrop(global_threshold=1.0, individual_threshold=1.0, key_ratio=0.28))
     with torch.no_grad():
         model(**inputs)
     assert [stats.visual for stats in tc.stats(model).prefill.layers] == [[25], [7], [7], [7]]
@@ -354,7 +359,7 @@ def test_default_filter_layers_scale_with_depth(depth, filters):
     With keep=0.5 (no key tokens) every stage halves the visual tokens, so the counts change exactly after them."""
     model = tiny_llava(layers=depth, seed=1)  # 16 visual tokens per image
     inputs = tiny_llava_inputs(model, [(2, 3)], [1])
-    tc.compress(model, tc.MustDrop(keep=0.5, key_ratio=0.0))
+    tc.compress(model, PrefillMustDrop(keep=0.5, key_ratio=0.0))
     with torch.no_grad():
         model(**inputs)
     counts = [stats.visual[0] for stats in tc.stats(model).prefill.layers]
@@ -377,7 +382,7 @@ def test_default_filter_layers_scale_with_depth(depth, filters):
 def test_removal_equals_masking(family, implementation, batch):
     """Logits of the compressed prefill equal the uncompressed model's with each dropped token masked from the
     layer after its stage on (text positions and kept visual positions)."""
-    compressor = tc.MustDrop(**THRESHOLDS)
+    compressor = PrefillMustDrop(**THRESHOLDS)
     model, inputs, logits = run_prefill(family, implementation, batch, compressor)
     hand = by_hand(family, inputs, compressor)
     check_against_hand(model, inputs, family, hand)
@@ -393,7 +398,7 @@ def test_removal_equals_masking(family, implementation, batch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_removal_equals_masking_right_padding_with_budget(family):
     """Right padding, explicit filter layers, a keep ratio (which compounds over the stages), eager attention."""
-    compressor = tc.MustDrop(keep=0.6, filter_layers=[0, 2] if family != "llava" else [1, 3, 5], **THRESHOLDS)
+    compressor = PrefillMustDrop(keep=0.6, filter_layers=[0, 2] if family != "llava" else [1, 3, 5], **THRESHOLDS)
     model, inputs, logits = run_prefill(family, "eager", "b3", compressor, padding_side="right")
     hand = by_hand(family, inputs, compressor)
     check_against_hand(model, inputs, family, hand)
@@ -405,7 +410,7 @@ def test_removal_equals_masking_right_padding_with_budget(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reference_is_not_vacuous(family):
     """Each stage's masking changes the logits: masking only the first stage's drops is not enough."""
-    compressor = tc.MustDrop(**THRESHOLDS)
+    compressor = PrefillMustDrop(**THRESHOLDS)
     model, inputs, logits = run_prefill(family, "sdpa", "b3", compressor)
     hand = by_hand(family, inputs, compressor)
     first_only = torch.where(hand.drop == hand.drop.min(), hand.drop, NEVER)
@@ -441,7 +446,7 @@ def test_decode_stage_cache(family, decode_stage):
     """After prefill every layer's cache holds: before the first filter layer K0, the whole prompt; from K0 on,
     the text and the visual tokens that reached the last layer (decode_stage) or the layer's own stage's
     survivors (not). Entries are checked against the reference cache's keys, position by position."""
-    compressor = tc.MustDrop(decode_stage=decode_stage, **THRESHOLDS)
+    compressor = PrefillMustDrop(decode_stage=decode_stage, **THRESHOLDS)
     model, inputs, _ = run_prefill(family, "sdpa", "b3", compressor)
     hand = by_hand(family, inputs, compressor)
     with torch.no_grad():
@@ -482,7 +487,7 @@ def test_decode_steps_equal_reference(family, decode_stage, implementation, batc
     """Greedy decode steps equal the full-sequence reference where the generated tokens' queries do not see the
     finally dropped visual tokens in any layer >= K0 (decode_stage) or see what each layer's stage kept (not),
     while the prompt's queries keep the prefill masking."""
-    compressor = tc.MustDrop(decode_stage=decode_stage, **THRESHOLDS)
+    compressor = PrefillMustDrop(decode_stage=decode_stage, **THRESHOLDS)
     model = fresh_model(family, implementation)
     inputs = make_inputs(model, family, batch)
     tc.compress(model, compressor)
@@ -523,7 +528,7 @@ def test_decode_steps_equal_reference(family, decode_stage, implementation, batc
 def test_multi_turn(filters):
     """A second generate continuing from the trimmed caches equals the reference over the whole conversation:
     every query after the first prompt misses the finally dropped visual tokens from the first filter layer on."""
-    compressor = tc.MustDrop(filter_layers=filters, **THRESHOLDS)
+    compressor = PrefillMustDrop(filter_layers=filters, **THRESHOLDS)
     model = fresh_model("llava")
     inputs = make_inputs(model, "llava", "b3")
     tc.compress(model, compressor)
@@ -554,7 +559,7 @@ def test_eager_matches_sdpa(family):
     compressor = {"keep": None, **THRESHOLDS}
     results = {}
     for implementation in IMPLEMENTATIONS:
-        model, inputs, logits = run_prefill(family, implementation, "b3", tc.MustDrop(**compressor))
+        model, inputs, logits = run_prefill(family, implementation, "b3", PrefillMustDrop(**compressor))
         prefill = tc.stats(model).prefill
         kept = [[stats.kept_positions(b) for b in range(3)] for stats in prefill.layers]
         results[implementation] = (logits, kept, inputs)
@@ -571,7 +576,7 @@ def test_flops_match_counter(family):
     model = fresh_model(family, "sdpa")
     inputs = make_inputs(model, family, "b3")
     bare, _ = measure_flops(lambda: model(**inputs))
-    with tc.compressed(model, tc.MustDrop(**THRESHOLDS)):
+    with tc.compressed(model, PrefillMustDrop(**THRESHOLDS)):
         prefill, out = measure_flops(lambda: model(**inputs, use_cache=True))
         stats = tc.stats(model)
         assert stats.prefill.scoring_flops > 0
@@ -621,7 +626,7 @@ def test_flops_match_counter(family):
 )
 def test_invalid_configuration(kwargs, error, match):
     with pytest.raises(error, match=match):
-        tc.MustDrop(**kwargs)
+        PrefillMustDrop(**kwargs)
     with pytest.raises(error, match=match):
         tc.build("mustdrop", **kwargs)
 
@@ -655,7 +660,7 @@ def test_filter_layers_outside_the_model(family, filters, match):
     inputs = make_inputs(model, family, "b1")
     snapshot = _snapshot(model, inputs)
     with pytest.raises(ValueError, match=match):
-        tc.compress(model, tc.MustDrop(filter_layers=filters))
+        tc.compress(model, PrefillMustDrop(filter_layers=filters))
     _assert_untouched(model, inputs, snapshot)
 
 
@@ -671,7 +676,7 @@ def test_keep_count_larger_than_a_sample():
     calls = []
     handle = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with tc.compressed(model, tc.MustDrop(keep=37)):
+        with tc.compressed(model, PrefillMustDrop(keep=37)):
             with pytest.raises(ValueError, match=TOO_MANY), torch.no_grad():
                 model(**inputs)
             with pytest.raises(ValueError, match=TOO_MANY), torch.no_grad():

@@ -87,6 +87,25 @@ class ForwardStats:
     baseline_layer_flops: int = 0
     decisions: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # per acting layer, e.g. experts
     routing_loss: Tensor | None = None
+    encoder_flops: int = (
+        0  # the vision encoder's layers, when the adapter exposes it and it ran for this input
+    )
+    baseline_encoder_flops: int = 0
+    stage_tokens: dict[str, Tensor] = field(default_factory=dict)  # (B,) visual tokens after each stage
+
+    @property
+    def total_flops(self) -> int:
+        """Decoder, LM head and the vision encoder's layers."""
+        return self.flops + self.encoder_flops
+
+    @property
+    def baseline_total_flops(self) -> int:
+        return self.baseline_flops + self.baseline_encoder_flops
+
+    def tokens_per_stage(self) -> dict[str, list[int]]:
+        """Visual tokens per sample: "input" (the prompt's), "vision encoder" (after its window merge, where it
+        ran), and "layer k" (entering decoder layer k, after a compressor acted there)."""
+        return {stage: counts.tolist() for stage, counts in self.stage_tokens.items()}
 
     @property
     def flops(self) -> int:
@@ -106,15 +125,22 @@ class ForwardStats:
         """tokens[layer][sample]."""
         return [layer.tokens for layer in self.layers]
 
-    def average_visual_tokens(self) -> list[float]:
-        """Per sample: the visual tokens each decoder layer processed, averaged over the layers.
+    def average_visual_tokens(self, convention: str = "processed") -> list[float]:
+        """Per sample: visual tokens per decoder layer, averaged over the layers.
 
-        The "N tokens" budgets of token-dropping papers are such averages, but papers differ in what they count;
-        this counts what each layer actually ran on (a layer where a stage acts counts the tokens it received).
+        The "N tokens" budgets of token-dropping papers are such averages, but papers differ in what they count.
+        "processed": the tokens each layer actually ran on (a layer after which a stage acts counts the tokens it
+        received). "passed_on": the tokens each layer hands to the next (the last layer: what it ran on), i.e. a
+        layer after which a stage acts counts the stage's output; this is MustDrop's reported figure, e.g.
+        (2 M + 4 M1 + 4 M2 + 4 M3 + 18 M4) / 32 for stages after layers 2, 6, 10, 14 of 32.
         """
+        if convention not in ("processed", "passed_on"):
+            raise ValueError(f"convention must be 'processed' or 'passed_on', got {convention!r}")
         if not self.layers:
             return []
         per_layer = [layer.visual for layer in self.layers]
+        if convention == "passed_on":
+            per_layer = per_layer[1:] + per_layer[-1:]
         return [sum(column) / len(per_layer) for column in zip(*per_layer, strict=True)]
 
 
@@ -148,6 +174,13 @@ class Stats:
         for layer in p.layers:
             per_sample = ", ".join(f"{t} ({v})" for t, v in zip(layer.tokens, layer.visual, strict=True))
             lines.append(f"{layer.layer:>5}  {per_sample}")
+        for stage, counts in p.tokens_per_stage().items():
+            lines.append(f"visual tokens, {stage}: {counts}")
+        if p.baseline_encoder_flops:
+            lines.append(
+                f"vision encoder: {p.encoder_flops / 1e9:.3f} GFLOPs vs {p.baseline_encoder_flops / 1e9:.3f} "
+                "uncompressed"
+            )
         if self.last is not None and self.last is not p:
             lines.append(
                 f"last decode step: {self.last.flops / 1e6:.2f} MFLOPs vs "

@@ -46,7 +46,8 @@ class VisualView:
     attention each slot received at the compressor's scoring layer, when it asked for them; routing (B,) is the
     column of each sample's routing token (the `<ROUTER>` token or the last prompt token); score_queries (B, q)
     marks the real query rows when `scores` holds one row per query (B, q, n); state is the compressor's scratch
-    space for this forward, shared by its stages (e.g. tokens an early stage protects from later ones).
+    space for this forward, shared by its stages (e.g. tokens an early stage protects from later ones); encoder
+    says which slots copy one merged encoder token, when the compressor asked the encoder to merge windows.
     """
 
     layer: int
@@ -61,6 +62,7 @@ class VisualView:
     scores: Tensor | None = None
     score_queries: Tensor | None = None
     state: dict = field(default_factory=dict)
+    encoder: EncoderCopies | None = None
 
     def counts(self) -> Tensor:
         return self.is_visual.sum(1)
@@ -91,3 +93,27 @@ class Merge:
     info: dict[str, Tensor] = field(default_factory=dict)
     aux_loss: Tensor | None = None
     extra_flops: int = 0
+
+
+@dataclass(frozen=True)
+class EncoderWindows:
+    """A compressor's request to shorten the vision encoder (MustDrop's vision stage): after its first layer,
+    `window` x `window` patch windows whose mean pairwise cosine similarity is at least `threshold` become their
+    mean; at its last layer the top `key_ratio` of the (merged) tokens by CLS attention become key tokens."""
+
+    window: int = 3
+    threshold: float = 0.8
+    key_ratio: float = 0.08
+
+
+@dataclass(frozen=True)
+class EncoderCopies:
+    """What the vision encoder did to the tokens of this forward, per slot of the current sequence.
+
+    copy_of: (B, n) long, the encoder token each visual slot's feature copies, unique per sample (slots of one
+    merged window share it); -1 where the encoder did not shorten the slot's image. key: (B, n) bool, slots whose
+    encoder token is a key token.
+    """
+
+    copy_of: Tensor
+    key: Tensor

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..accounting import DecoderShape
 from ..ops import keep_counts, top_k_mask
-from ..view import Merge, VisualTokens, VisualView
+from ..view import EncoderWindows, Merge, VisualTokens, VisualView
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
@@ -66,6 +66,11 @@ class Compressor:
     def bind(self, shape: DecoderShape, reference: Tensor) -> None:
         """Build what depends on the model (e.g. routers sized to its hidden width, on the device and dtype of
         `reference`, one of its parameters). Default: nothing."""
+
+    def encoder_windows(self) -> EncoderWindows | None:
+        """Ask the engine to merge windows inside the vision encoder (where the adapter exposes it); the view then
+        says which slots copy one merged token (`view.encoder`). Default: None."""
+        return None
 
     def routing_token(self) -> int | None:
         """The token id whose hidden state routes this compressor's choices, or None for the last prompt token."""

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from ..accounting import ForwardStats, LayerStats, Stats
 from ..compressors.base import Compressor
 from ..ops import compact_columns, gather_rows
-from ..view import Merge, VisualTokens, VisualView
+from ..view import EncoderCopies, Merge, VisualTokens, VisualView
+from .encoder import EncoderHooks, EncoderRecord
 from .masks import allowed_keys, to_implementation
 from .merging import apply_merge
 from .scoring import attention_received, attention_rows, query_rows, scoring_flops
@@ -56,6 +57,7 @@ class ForwardState:
     states: dict[int, dict] = field(default_factory=dict)  # per compressor, shared by its stages
     aux_loss: Tensor | None = None
     routing: Tensor | None = None  # (B,) input position of each sample's routing token
+    encoder: EncoderCopies | None = None  # (B, L) what the vision encoder merged, when it did
 
     @property
     def has_visual(self) -> bool:
@@ -87,6 +89,14 @@ class Engine:
         starts = [c.trims_caches_from() for c in self.compressors if c.trims_caches_from() is not None]
         self.trim_from = max(min(starts), 1) if starts else None  # never layer 0: it gives the cache's length
         self.shape = adapter.shape()
+        windows = next(
+            (c.encoder_windows() for c in self.compressors if c.encoder_windows() is not None), None
+        )
+        encoder = adapter.vision_encoder()
+        self.encoder_hooks = (
+            None if encoder is None else EncoderHooks(encoder, windows if encoder.has_cls else None)
+        )
+        self.generating = False
         self.books: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list[Any] = []
         self.undo: list[Any] = []  # adapters' own per-instance changes, undone on detach
@@ -128,6 +138,9 @@ class Engine:
             self.handles.append(adapter.final_norm.register_forward_pre_hook(self._on_final_norm))
             self.handles.append(adapter.lm_head.register_forward_hook(self._on_lm_head))
             self.undo.append(adapter.install())
+            if self.encoder_hooks is not None:
+                self.encoder_hooks.attach()
+                self.undo.append(self.encoder_hooks.detach)
             if self.trainable:  # as model parameters: model.to(), .train(), Trainer's optimizer see them
                 self.model.add_module(MODULES_NAME, nn.ModuleList(self.trainable).train(self.model.training))
                 self.undo.append(lambda: delattr(self.model, MODULES_NAME))
@@ -162,7 +175,13 @@ class Engine:
                 inputs.setdefault("input_ids", args[0])
             inputs.setdefault("input_ids", inputs.get("inputs"))
             self._check_inputs(inputs)
-            return original(*args, **kwargs)
+            if self.encoder_hooks is not None:
+                self.encoder_hooks.clear()
+            self.generating = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.generating = False
 
         self.model.__dict__["generate"] = generate
 
@@ -192,6 +211,8 @@ class Engine:
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.pending_labels = kwargs.get("labels")
         self.pending_loss = None
+        if self.encoder_hooks is not None and not self.generating:
+            self.encoder_hooks.clear()  # what an earlier, unrelated call of the encoder left
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Report the routing loss on the outputs, and add it to the loss when labels were given."""
@@ -247,7 +268,37 @@ class Engine:
         )
         if tokens is not None:
             self.fwd.routing = self._routing_positions(self.fwd, kwargs)
+            self.fwd.stats.stage_tokens["input"] = tokens.counts()
+            if self.encoder_hooks is not None:
+                self._take_encoder(self.fwd)
         return args, kwargs
+
+    def _take_encoder(self, fwd: ForwardState) -> None:
+        """Attach what the vision encoder did for this prefill: its FLOPs, and which slots copy one merged token."""
+        records, flops, baseline = self.encoder_hooks.take()
+        fwd.stats.encoder_flops, fwd.stats.baseline_encoder_flops = flops, baseline
+        if records:
+            fwd.encoder = self._encoder_copies(fwd.tokens, records)
+            fwd.stats.stage_tokens["vision encoder"] = distinct_per_row(fwd.encoder.copy_of)
+
+    def _encoder_copies(self, tokens: VisualTokens, records: list[EncoderRecord]) -> EncoderCopies:
+        copy_of = torch.cat([r.copy_of for r in records])
+        key = torch.cat(
+            [r.key if r.key is not None else torch.zeros_like(r.copy_of, dtype=torch.bool) for r in records]
+        )
+        rows, per_row = copy_of.shape
+        patches = self.adapter.encoder_patches(tokens)
+        found = -1 if patches is None else int(patches.max())
+        if patches is None or found >= rows * per_row or int((patches >= 0).sum()) != rows * per_row:
+            raise RuntimeError(
+                f"the vision encoder merged windows of {rows} image(s) of {per_row} patches, but the prompt's visual "
+                f"tokens do not map one to one onto those patches ({type(self.adapter).__name__}.encoder_patches)"
+            )
+        mapped = patches >= 0
+        flat = patches.clamp(min=0)
+        row, patch = flat // per_row, flat % per_row
+        copy = copy_of.to(flat.device)[row, patch] + row * per_row  # unique per image, so per sample
+        return EncoderCopies(torch.where(mapped, copy, -1), mapped & key.to(flat.device)[row, patch])
 
     def _routing_positions(self, fwd: ForwardState, text_inputs: dict[str, Any]) -> Tensor:
         """(B,) each sample's routing token: the last routing-token id if the pipeline names one, else the last
@@ -415,6 +466,11 @@ class Engine:
             scores=scores,
             score_queries=score_queries,
             state=fwd.states.setdefault(id(compressor), {}),
+            encoder=None
+            if fwd.encoder is None
+            else EncoderCopies(
+                fwd.encoder.copy_of.gather(1, slots.index), fwd.encoder.key.gather(1, slots.index)
+            ),
         )
         decision = compressor.select(view)
         fwd.full_hidden = hidden if fwd.full_hidden is None else self._restore(fwd.full_hidden, slots, hidden)
@@ -428,9 +484,11 @@ class Engine:
             fwd.slots, hidden = apply_merge(
                 slots, hidden, decision, chunk_ok, fwd.tokens, self.adapter.positions_on_grid
             )
-            return hidden
-        fwd.slots, columns = slots.select(chunk_ok & (~is_visual | decision))
-        return gather_rows(hidden, columns)
+        else:
+            fwd.slots, columns = slots.select(chunk_ok & (~is_visual | decision))
+            hidden = gather_rows(hidden, columns)
+        fwd.stats.stage_tokens[f"layer {index}"] = (fwd.slots.is_visual & fwd.chunk_ok()).sum(1)
+        return hidden
 
     @staticmethod
     def _restore(full: Tensor, slots: Slots, hidden: Tensor) -> Tensor:
@@ -591,3 +649,11 @@ class Engine:
             kv_cache_entries=entries,
             routing_loss=self.prefill_stats.routing_loss if self.prefill_stats is not None else None,
         )
+
+
+def distinct_per_row(ids: Tensor) -> Tensor:
+    """(B,) how many distinct non-negative values each row of `ids` (B, L) holds."""
+    ordered = ids.sort(1).values
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return (new & (ordered >= 0)).sum(1)
