@@ -173,13 +173,16 @@ def check_media_runs(placeholder: Tensor, sizes: list[int], kind: str) -> None:
         )
 
 
-def grid_patches(tokens: VisualTokens, side: int) -> Tensor | None:
+def grid_patches(tokens: VisualTokens, side: int, rows_per_sample: list[int] | None = None) -> Tensor | None:
     """`encoder_patches` for models whose every grid is one image's side x side patch grid, the images in sequence
-    order (sample by sample) being the encoder's batch rows; None for any other layout."""
+    order (sample by sample) being the encoder's batch rows; `rows_per_sample` where a sample takes other rows than
+    its grids (the LLaVA codebase encodes an image for a sample without one). None for any other layout."""
     if any(shape != (side, side) for shapes in tokens.grid_shape for shape in shapes):
         return None
-    per_sample = torch.tensor([len(shapes) for shapes in tokens.grid_shape], device=tokens.image_index.device)
-    first_row = (per_sample.cumsum(0) - per_sample)[:, None]
+    if rows_per_sample is None:
+        rows_per_sample = [len(shapes) for shapes in tokens.grid_shape]
+    rows = torch.tensor(rows_per_sample, device=tokens.image_index.device)
+    first_row = (rows.cumsum(0) - rows)[:, None]
     on_grid = tokens.is_visual & (tokens.grid_row >= 0) & (tokens.grid_col >= 0)
     flat = (first_row + tokens.image_index) * side * side + tokens.grid_row * side + tokens.grid_col
     return torch.where(on_grid, flat, -1)

@@ -36,6 +36,7 @@ class LlavaCodebaseAdapter(Adapter):
         super().__init__(model)
         self.spliced: VisualTokens | None = None  # the last splice's layout, taken by the text model's hook
         self.carried_labels: Tensor | None = None  # the last splice's labels, taken the same way
+        self.encoder_rows: list[int] | None = None  # per sample of the last layout: images encoded for it
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -68,7 +69,10 @@ class LlavaCodebaseAdapter(Adapter):
 
     def encoder_patches(self, tokens: VisualTokens) -> Tensor | None:
         side = self._side(0)
-        return grid_patches(tokens, side) if side else None
+        rows = self.encoder_rows
+        if not side or rows is None or len(rows) != len(tokens.grid_shape):
+            return None
+        return grid_patches(tokens, side, rows)
 
     # -- validation before any work -------------------------------------------------------------------------
     def visual_tokens(self, inputs: dict[str, Any]) -> VisualTokens | None:
@@ -139,6 +143,7 @@ class LlavaCodebaseAdapter(Adapter):
             return tokens
         if batch != rows:  # generate expanded the spliced rows (beams, several sequences per prompt)
             repeats = batch // rows
+            self.encoder_rows = [n for n in self.encoder_rows for _ in range(repeats)]
             spliced = VisualTokens(
                 *(
                     t.repeat_interleave(repeats, 0)
@@ -153,9 +158,11 @@ class LlavaCodebaseAdapter(Adapter):
         visual = new_mask & (probe == IGNORE_INDEX)
         image_index, grid_row, grid_col = (torch.full(visual.shape, -1, dtype=torch.long) for _ in range(3))
         shapes: list[list[tuple[int, int]]] = []
+        image_counts: list[int] = []
         for b in range(visual.shape[0]):
             ids = input_ids[b][mask[b].bool()].cpu()
             groups = _placeholder_groups(ids)
+            image_counts.append(sum(groups))
             runs = _runs(visual[b].nonzero()[:, 0].cpu())
             shapes.append([])
             grid = 0
@@ -171,6 +178,9 @@ class LlavaCodebaseAdapter(Adapter):
                     grid_row[b, part], grid_col[b, part] = r, c
                     shapes[b].extend(grids)
                     grid += len(grids)
+        # The codebase encodes one image for a sample without any (and splices none of it): its rows come too.
+        per_image = max((len(s) // n for s, n in zip(shapes, image_counts, strict=True) if n), default=1)
+        self.encoder_rows = [len(s) if n else per_image for s, n in zip(shapes, image_counts, strict=True)]
         device = visual.device
         return VisualTokens(image_index.to(device), grid_row.to(device), grid_col.to(device), shapes)
 

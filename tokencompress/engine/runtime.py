@@ -288,8 +288,8 @@ class Engine:
         )
         rows, per_row = copy_of.shape
         patches = self.adapter.encoder_patches(tokens)
-        found = -1 if patches is None else int(patches.max())
-        if patches is None or found >= rows * per_row or int((patches >= 0).sum()) != rows * per_row:
+        grids = {rows * cols for shapes in tokens.grid_shape for rows, cols in shapes}
+        if patches is None or int(patches.max()) >= rows * per_row or grids != {per_row}:
             raise RuntimeError(
                 f"the vision encoder merged windows of {rows} image(s) of {per_row} patches, but the prompt's visual "
                 f"tokens do not map one to one onto those patches ({type(self.adapter).__name__}.encoder_patches)"
