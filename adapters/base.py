@@ -110,10 +110,11 @@ class Adapter:
         None where the adapter cannot say which prompt slot each patch becomes (`encoder_patches`). Default: None."""
         return None
 
-    def encoder_patches(self, tokens: VisualTokens) -> Tensor | None:
+    def encoder_patches(self, tokens: VisualTokens, encoder_rows: int) -> Tensor | None:
         """(B, L) long: for each visual slot, the encoder patch its feature comes from, as row x patches + patch
-        (row: the image's place in the encoder's batch; patch: raster index on its grid), -1 elsewhere; None when
-        this input's layout does not map onto the encoder's patches. Needed where `vision_encoder` is given."""
+        (row: the image's place in the encoder's batch of `encoder_rows`; patch: raster index on its grid), -1
+        elsewhere; None when this input's layout does not map onto the encoder's patches. Needed where
+        `vision_encoder` is given."""
         return None
 
     def addition_layers(self) -> list[int]:
@@ -173,16 +174,24 @@ def check_media_runs(placeholder: Tensor, sizes: list[int], kind: str) -> None:
         )
 
 
-def grid_patches(tokens: VisualTokens, side: int, rows_per_sample: list[int] | None = None) -> Tensor | None:
+def grid_patches(
+    tokens: VisualTokens, side: int, encoder_rows: int, rows_per_sample: list[int] | None = None
+) -> Tensor | None:
     """`encoder_patches` for models whose every grid is one image's side x side patch grid, the images in sequence
     order (sample by sample) being the encoder's batch rows; `rows_per_sample` where a sample takes other rows than
-    its grids (the LLaVA codebase encodes an image for a sample without one). None for any other layout."""
+    its grids (the LLaVA codebase encodes an image for a sample without one). Samples that `generate` repeated
+    after encoding (beams, several sequences per prompt: k consecutive copies) share their original's rows. None
+    for any other layout."""
     if any(shape != (side, side) for shapes in tokens.grid_shape for shape in shapes):
         return None
     if rows_per_sample is None:
         rows_per_sample = [len(shapes) for shapes in tokens.grid_shape]
-    rows = torch.tensor(rows_per_sample, device=tokens.image_index.device)
-    first_row = (rows.cumsum(0) - rows)[:, None]
+    batch, total = len(rows_per_sample), sum(rows_per_sample)
+    repeats = total // encoder_rows if encoder_rows and total % encoder_rows == 0 else 0
+    if repeats < 1 or batch % repeats:
+        return None
+    rows = torch.tensor(rows_per_sample[::repeats], device=tokens.image_index.device)
+    first_row = (rows.cumsum(0) - rows).repeat_interleave(repeats)[:, None]
     on_grid = tokens.is_visual & (tokens.grid_row >= 0) & (tokens.grid_col >= 0)
     flat = (first_row + tokens.image_index) * side * side + tokens.grid_row * side + tokens.grid_col
     return torch.where(on_grid, flat, -1)

@@ -37,8 +37,8 @@ class LlavaAdapter(Adapter):
     def vision_encoder(self) -> VisionEncoder | None:
         return clip_style_encoder(self.model.model.vision_tower)
 
-    def encoder_patches(self, tokens: VisualTokens) -> Tensor | None:
-        return grid_patches(tokens, self.grid_side())
+    def encoder_patches(self, tokens: VisualTokens, encoder_rows: int) -> Tensor | None:
+        return grid_patches(tokens, self.grid_side(), encoder_rows)
 
     def grid_side(self) -> int:
         vision = self.model.config.vision_config

@@ -67,12 +67,12 @@ class LlavaCodebaseAdapter(Adapter):
         tower = inner.get_vision_tower() if hasattr(inner, "get_vision_tower") else None
         return clip_style_encoder(getattr(tower, "vision_tower", None))
 
-    def encoder_patches(self, tokens: VisualTokens) -> Tensor | None:
+    def encoder_patches(self, tokens: VisualTokens, encoder_rows: int) -> Tensor | None:
         side = self._side(0)
         rows = self.encoder_rows
         if not side or rows is None or len(rows) != len(tokens.grid_shape):
             return None
-        return grid_patches(tokens, side, rows)
+        return grid_patches(tokens, side, encoder_rows, rows)
 
     # -- validation before any work -------------------------------------------------------------------------
     def visual_tokens(self, inputs: dict[str, Any]) -> VisualTokens | None:

@@ -287,7 +287,7 @@ class Engine:
             [r.key if r.key is not None else torch.zeros_like(r.copy_of, dtype=torch.bool) for r in records]
         )
         rows, per_row = copy_of.shape
-        patches = self.adapter.encoder_patches(tokens)
+        patches = self.adapter.encoder_patches(tokens, rows)
         grids = {rows * cols for shapes in tokens.grid_shape for rows, cols in shapes}
         if patches is None or int(patches.max()) >= rows * per_row or grids != {per_row}:
             raise RuntimeError(
