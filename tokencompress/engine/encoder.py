@@ -131,7 +131,6 @@ class EncoderHooks:
         kwargs["attention_mask"] = call.mask
         return args, kwargs
 
-    @torch.no_grad()
     def _merge(self, module: nn.Module, args: tuple, output: Any) -> Any:
         """After layer 0: each 3 x 3 window of patches whose mean pairwise cosine similarity reaches the threshold
         becomes their mean, placed at the window's first patch; raster order is kept, rows padded to the longest."""
@@ -144,8 +143,9 @@ class EncoderHooks:
         side, window = math.isqrt(patches.shape[1]), self.windows.window
         if side * side != patches.shape[1]:  # not a square grid of patches: leave this call as it is
             return None
-        similarity = window_similarity(patches, side, side, window)
-        groups = window_groups(similarity >= self.windows.threshold, side, side, window)  # (rows, P)
+        with torch.no_grad():  # the choice carries no gradient; the merged means do
+            similarity = window_similarity(patches, side, side, window)
+            groups = window_groups(similarity >= self.windows.threshold, side, side, window)  # (rows, P)
         counts = groups.amax(1) + 1
         width = int(counts.max())
         sums = torch.zeros(len(groups), width, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
