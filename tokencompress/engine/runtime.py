@@ -139,8 +139,8 @@ class Engine:
             self.handles.append(adapter.lm_head.register_forward_hook(self._on_lm_head))
             self.undo.append(adapter.install())
             if self.encoder_hooks is not None:
-                self.encoder_hooks.attach()
                 self.undo.append(self.encoder_hooks.detach)
+                self.encoder_hooks.attach()
             if self.trainable:  # as model parameters: model.to(), .train(), Trainer's optimizer see them
                 self.model.add_module(MODULES_NAME, nn.ModuleList(self.trainable).train(self.model.training))
                 self.undo.append(lambda: delattr(self.model, MODULES_NAME))
