@@ -62,7 +62,10 @@ class LlavaCodebaseAdapter(Adapter):
         return self.model.config
 
     def vision_encoder(self) -> VisionEncoder | None:
-        """The transformers vision model inside the codebase's tower wrapper (`tower.vision_tower`)."""
+        """The transformers vision model inside the codebase's tower wrapper (`tower.vision_tower`); none for
+        Mini-Gemini-HD, which encodes every image's crops before all global views (rows out of prompt order)."""
+        if getattr(self.model.config, "image_grid", 1) > 1:
+            return None
         inner = self.model.get_model()
         tower = inner.get_vision_tower() if hasattr(inner, "get_vision_tower") else None
         return clip_style_encoder(getattr(tower, "vision_tower", None))

@@ -107,9 +107,18 @@ class MustDrop(MultiStageCompressor):
         if self.keep is not None:
             check_keep("MustDrop", self.keep)
         if self.budget is not None and (
-            isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget <= 0
+            isinstance(self.budget, bool)
+            or not isinstance(self.budget, (int, float))
+            or not math.isfinite(self.budget)
+            or self.budget <= 0
         ):
-            raise ValueError(f"MustDrop: budget must be a positive number of tokens, got {self.budget!r}")
+            raise ValueError(
+                f"MustDrop: budget must be a positive, finite number of tokens, got {self.budget!r}"
+            )
+        if not self.prefill_stage and (self.keep is not None or self.budget is not None):
+            raise ValueError(
+                "MustDrop: keep and budget set the prefill stage's counts; they need prefill_stage=True"
+            )
         window = self.merge_window
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ValueError(f"MustDrop: merge_window must be an int >= 2, got {window!r}")

@@ -65,6 +65,7 @@ class EncoderCall:
     key: Tensor | None = None
     flops: int = 0
     baseline_flops: int = 0
+    before_merge: tuple[Tensor, ...] = ()  # layer 0's input and output, full length
 
 
 @dataclass
@@ -117,6 +118,7 @@ class EncoderHooks:
         rows, tokens = hidden.shape[:2]
         if index == 0:
             call.rows, call.full = rows, tokens
+            call.before_merge = (hidden,)
         call.flops += self.encoder.layer_flops(rows, tokens)
         call.baseline_flops += self.encoder.layer_flops(rows, call.full)
         if index == len(self.encoder.layers) - 1 and call.short_ok is not None and self.windows.key_ratio > 0:
@@ -155,6 +157,7 @@ class EncoderHooks:
         )
         merged = (sums / sizes.clamp(min=1)[..., None]).to(hidden.dtype)
         short = torch.cat([hidden[:, :lead], merged], dim=1)
+        call.before_merge = (*call.before_merge, hidden)
         ok = torch.arange(width, device=hidden.device)[None, :] < counts[:, None]
         call.short_ok = torch.cat([torch.ones_like(ok[:, :lead]), ok], dim=1)
         call.copy_of = groups
@@ -182,6 +185,8 @@ class EncoderHooks:
         chosen = top_k_mask(
             received, candidates, keep_counts(candidates.sum(1), float(self.windows.key_ratio))
         )
+        rows, tokens, width = hidden.shape
+        call.flops += 2 * rows * (tokens + 1) * width * width + 2 * rows * tokens * width  # k, q, CLS row
         return chosen.gather(1, call.copy_of)
 
     def _close(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -191,10 +196,14 @@ class EncoderHooks:
         self.flops.append((call.flops, call.baseline_flops))
         if call.expand is None:
             return
-        full, expand = call.full, call.expand
+        expand, short = call.expand, call.short_ok.shape[1]
 
         def expanded(states: Tensor) -> Tensor:
-            if not isinstance(states, Tensor) or states.dim() != 3 or states.shape[1] == full:
+            # States of the short sequence: as long as it (which may equal the full length when a row of the
+            # batch merged nothing) and not one of the two full-length states before the merge.
+            if not isinstance(states, Tensor) or states.dim() != 3 or states.shape[1] != short:
+                return states
+            if any(states is before for before in call.before_merge):
                 return states
             return states.gather(1, expand[..., None].expand(-1, -1, states.shape[-1]))
 
