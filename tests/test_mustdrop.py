@@ -398,7 +398,9 @@ def test_removal_equals_masking(family, implementation, batch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_removal_equals_masking_right_padding_with_budget(family):
     """Right padding, explicit filter layers, a keep ratio (which compounds over the stages), eager attention."""
-    compressor = PrefillMustDrop(keep=0.6, filter_layers=[0, 2] if family != "llava" else [1, 3, 5], **THRESHOLDS)
+    compressor = PrefillMustDrop(
+        keep=0.6, filter_layers=[0, 2] if family != "llava" else [1, 3, 5], **THRESHOLDS
+    )
     model, inputs, logits = run_prefill(family, "eager", "b3", compressor, padding_side="right")
     hand = by_hand(family, inputs, compressor)
     check_against_hand(model, inputs, family, hand)
