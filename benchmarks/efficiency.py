@@ -11,6 +11,21 @@ named settings, each a pipeline factory (None for the bare model):
   fastv@K =pyramid ...  for each pyramid setting, FastV(layer=K) at the same analytic prefill FLOPs: its keep
                         (a token count) is found by bisection on tc.stats FLOPs of probe forwards, within 1%
 
+With --mustdrop BUDGET... the run compares MustDrop instead (LLaVA only), on a model whose vision tower is deep
+enough for MustDrop's vision stage to matter (defaults: a 24-layer CLIP tower of width 256 read at its
+penultimate layer, as LLaVA-1.5 does; a 32-layer decoder, so the authors' filter layers 2, 6, 10, 14 apply
+unscaled) and on a synthetic image of flat colour blocks and noise, whose flat 3 x 3 patch windows the vision
+stage merges:
+
+  bare                  the model as loaded, no hooks
+  noop                  FastV(layer=K, keep=1.0), as above
+  mustdrop B            MustDrop(budget=B) for each budget: a layer average of B visual tokens (the authors'
+                        "passed_on" convention), vision stage on
+  mustdrop B novision   MustDrop(budget=B, vision_stage=False) for each --mustdrop-no-vision budget: the same
+                        budget without the encoder-side window merge
+  fastv@K =mustdrop B   FastV(layer=K) at the same analytic total FLOPs (decoder + LM head + vision encoder) as
+                        mustdrop B, found by the same bisection; left out where FastV cannot get that cheap
+
 Timing follows the project's notes on CPU timing: single-threaded by default,
 the settings' runs interleaved round robin on one model (compress / uncompress between runs, outside the timed
 region), the median reported. A prefill run is `model(**inputs, use_cache=True, logits_to_keep=1)` as in
@@ -22,6 +37,7 @@ Run from the repository root:
     python -m benchmarks.efficiency            # full size (minutes; keep the machine otherwise idle)
     python -m benchmarks.efficiency --quick    # tiny sizes, a smoke run in seconds
     python -m benchmarks.efficiency --pyramid 2x2 --keeps 0.5   # static pyramid vs FastV at equal FLOPs
+    python -m benchmarks.efficiency --mustdrop 192 128 64       # MustDrop budgets (about 7 minutes)
 """
 
 from __future__ import annotations
@@ -45,11 +61,18 @@ import torch
 
 import tokencompress as tc
 from tokencompress.compressors.pyramid import depth_schedule
-from tokencompress.tiny import tiny_llava, tiny_llava_inputs
+from tokencompress.tiny import (
+    IMAGE_TOKEN_ID,
+    finish_tiny_model,
+    tiny_llava,
+    tiny_llava_inputs,
+    tiny_text_config,
+)
 from tokencompress.tiny_qwen import FAMILIES as QWEN_FAMILIES
 from tokencompress.tiny_qwen import tiny_qwen_inputs, tiny_qwen_vl
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "efficiency.json"
+MUSTDROP_OUT = DEFAULT_OUT.with_name("mustdrop.json")
 MiB = 2**20
 
 # Thresholds of the targets the script reports PASS / MISS for.
@@ -73,7 +96,29 @@ QUICK = {
     "repeats": 3,
     "warmup": 1,
     "decode_steps": 4,
+    "vision_heads": 2,
+    "vision_intermediate": None,
 }
+
+# --mustdrop's defaults (explicit flags still win; --quick, a smoke run, overrides the sizes again): a LLaVA-1.5
+# geometry (576 image tokens, a 24-layer CLIP tower read at layer -2, 32 decoder layers) scaled down in width so
+# one bare prefill takes about 2.5 s on one CPU thread; the vision tower is ~16% of the bare analytic FLOPs.
+MUSTDROP = {
+    "hidden": 512,
+    "layers": 32,
+    "heads": 8,
+    "kv_heads": 8,
+    "intermediate": 1408,
+    "vision_hidden": 256,
+    "vision_layers": 24,
+    "vision_heads": 4,
+    "vision_intermediate": 1024,
+    "vision_feature_layer": -2,
+    "image": "blocks",
+    "decode_steps": 4,
+}
+# tiny_llava's vision tower: the plain run keeps building exactly that model.
+TINY_VISION = {"vision_layers": 2, "vision_heads": 2, "vision_intermediate": None, "vision_feature_layer": -1}
 
 CPU_MEMORY_METHOD = (
     "peak bytes held by torch's CPU allocator during one prefill, above the level at its start (weights and "
@@ -104,13 +149,17 @@ class Setting:
 
     name: str
     factory: Pipeline | None  # a fresh pipeline for every tc.compress
-    method: str = "bare"  # bare | noop | fastv | pyramid | fastv=pyramid (FastV matched to a pyramid's FLOPs)
+    # bare | noop | fastv | pyramid | fastv=pyramid (FastV matched to a pyramid's FLOPs) | mustdrop |
+    # fastv=mustdrop (FastV matched to a MustDrop setting's total FLOPs, the vision encoder's included)
+    method: str = "bare"
     keep: float | None = None  # FastV: the ratio (for a matched setting, kept tokens / visual tokens)
     layer: int | None = None  # FastV's layer
     kernels: tuple[tuple[int, int], ...] | None = None  # pyramid: one kernel for all stages, or one per stage
     after_layers: tuple[int, ...] | None = None  # pyramid: explicit schedule (None: the library's default)
-    matches: str | None = None  # fastv=pyramid: the name of the pyramid setting it matches
-    match: dict[str, Any] | None = None  # fastv=pyramid: what match_flops found (keep, FLOPs, mismatch)
+    budget: float | None = None  # mustdrop: the layer-averaged visual-token budget
+    vision_stage: bool | None = None  # mustdrop: whether the vision stage (encoder window merge) is on
+    matches: str | None = None  # fastv=...: the name of the setting it matches
+    match: dict[str, Any] | None = None  # fastv=...: what match_flops found (keep, FLOPs, mismatch)
 
     @property
     def compressed(self) -> bool:
@@ -118,7 +167,7 @@ class Setting:
 
     def pipeline(self) -> list[tc.Compressor] | None:
         if self.factory is None:
-            if self.method == "fastv=pyramid":
+            if self.method.startswith("fastv="):
                 raise RuntimeError(f"{self.name}: its keep is found by match_flops first")
             return None
         return self.factory()
@@ -141,6 +190,14 @@ def pyramid_setting(kernels: tuple[tuple[int, int], ...], after_layers: tuple[in
     return Setting(
         f"pyramid {format_kernels(kernels)}", factory, "pyramid", kernels=kernels, after_layers=after_layers
     )
+
+
+def mustdrop_setting(budget: float, vision_stage: bool, merge_threshold: float) -> Setting:
+    def factory() -> list[tc.Compressor]:
+        return [tc.MustDrop(budget=budget, vision_stage=vision_stage, merge_threshold=merge_threshold)]
+
+    name = f"mustdrop {budget:g}" + ("" if vision_stage else " novision")
+    return Setting(name, factory, "mustdrop", budget=budget, vision_stage=vision_stage)
 
 
 def parse_kernels(text: str) -> tuple[tuple[int, int], ...]:
@@ -171,8 +228,8 @@ class Measurements:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.efficiency",
-        description="Realized vs analytic efficiency of FastV and of static pooling pyramids (DPN without its "
-        "routers) on a random LLaVA- or Qwen-VL-shaped model.",
+        description="Realized vs analytic efficiency of FastV, of static pooling pyramids (DPN without its "
+        "routers) and of MustDrop (--mustdrop) on a random LLaVA- or Qwen-VL-shaped model.",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
@@ -201,6 +258,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--patch-size", type=int, default=14)
     parser.add_argument("--vision-hidden", type=int, default=64)
+    parser.add_argument("--vision-layers", type=int, default=TINY_VISION["vision_layers"])
+    parser.add_argument("--vision-heads", type=int, default=TINY_VISION["vision_heads"])
+    parser.add_argument(
+        "--vision-intermediate",
+        type=int,
+        default=TINY_VISION["vision_intermediate"],
+        help="vision MLP width (default: 2 x --vision-hidden)",
+    )
+    parser.add_argument(
+        "--vision-feature-layer",
+        type=int,
+        default=TINY_VISION["vision_feature_layer"],
+        help="the vision tower's hidden state LLaVA reads (LLaVA-1.5: -2)",
+    )
+    parser.add_argument(
+        "--image",
+        choices=("noise", "blocks"),
+        default="noise",
+        help="pixel values: Gaussian noise, or flat colour blocks with noise patches (windows MustDrop can merge)",
+    )
     parser.add_argument(
         "--text-tokens", type=int, default=60, help="text tokens around the image, per sample"
     )
@@ -226,13 +303,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="pool after these decoder layers (default: the library's schedule, floor(L k / 4) - 1 for k = 1..3; "
         "with 8 layers after 1, 3, 5)",
     )
+    parser.add_argument(
+        "--mustdrop",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="BUDGET",
+        help="MustDrop mode (LLaVA only): bare vs tc.MustDrop(budget=B) per budget (layer-averaged visual tokens, "
+        "passed_on convention), on a deeper vision tower and a 32-layer decoder (see MUSTDROP in the source; "
+        "explicit size flags still win), a block image, and FastV at equal analytic total FLOPs",
+    )
+    parser.add_argument(
+        "--mustdrop-no-vision",
+        type=float,
+        nargs="*",
+        default=None,
+        metavar="BUDGET",
+        help="budgets also run as MustDrop(budget=B, vision_stage=False) (default: the middle --mustdrop budget; "
+        "give none to skip)",
+    )
+    parser.add_argument(
+        "--mustdrop-fastv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a FastV setting at each MustDrop budget's analytic total FLOPs (default: on)",
+    )
+    parser.add_argument(
+        "--merge-threshold",
+        type=float,
+        default=0.8,
+        help="MustDrop's merge_threshold (mean pairwise cosine of a 3x3 window at the encoder's layer 0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--rss",
         action="store_true",
         help="also measure peak RSS growth in a fresh subprocess per setting (cpu)",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON results file (default: {DEFAULT_OUT.name}, with --mustdrop {MUSTDROP_OUT.name}, in "
+        "benchmarks/results)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -240,9 +354,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-child-keep", type=int, default=None, help=argparse.SUPPRESS)
-    if parser.parse_known_args(argv)[0].quick:  # --quick changes the defaults; explicit flags still win
+    known = parser.parse_known_args(argv)[0]
+    if known.mustdrop:  # --mustdrop changes the defaults; explicit flags still win
+        parser.set_defaults(**MUSTDROP)
+    if known.quick:  # so does --quick, after --mustdrop's (a smoke run)
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = MUSTDROP_OUT if args.mustdrop else DEFAULT_OUT
+    if args.mustdrop:
+        if args.model != "llava":
+            parser.error("--mustdrop: LLaVA only (its vision stage needs a CLS-style encoder)")
+        if args.pyramid:
+            parser.error("--mustdrop and --pyramid are separate runs")
+        if any(b <= 0 for b in args.mustdrop):
+            parser.error(f"--mustdrop budgets must be positive, got {args.mustdrop}")
+        if args.mustdrop_no_vision is None:
+            args.mustdrop_no_vision = [sorted(args.mustdrop)[len(args.mustdrop) // 2]]
+    elif args.mustdrop_no_vision:
+        parser.error("--mustdrop-no-vision needs --mustdrop")
+    if args.mustdrop_no_vision is None:
+        args.mustdrop_no_vision = []
+    if args.model != "llava" and any(getattr(args, k) != v for k, v in TINY_VISION.items()):
+        parser.error(
+            "--vision-layers / --vision-heads / --vision-intermediate / --vision-feature-layer: LLaVA only"
+        )
+    if args.model != "llava" and args.image != "noise":
+        parser.error("--image: LLaVA only")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -273,6 +411,8 @@ def make_settings(args: argparse.Namespace) -> list[Setting]:
     """bare and noop first (the targets read them there), then FastV per --keeps, then each pyramid followed
     by its FLOPs-matched FastV (whose keep match_flops finds once the model is built)."""
     layer = args.fastv_layer
+    if args.mustdrop:
+        return make_mustdrop_settings(args)
     settings = [Setting("bare", None), fastv_setting("noop", layer, 1.0, method="noop")]
     for keep in args.keeps:
         settings.append(fastv_setting(f"fastv@{layer} {keep:.2f}", layer, keep))
@@ -290,12 +430,33 @@ def make_settings(args: argparse.Namespace) -> list[Setting]:
     return settings
 
 
+def make_mustdrop_settings(args: argparse.Namespace) -> list[Setting]:
+    """bare, noop (the engine's own overhead at this depth), MustDrop per budget (vision stage on), MustDrop
+    without its vision stage per --mustdrop-no-vision budget, then FastV at each budget's analytic total FLOPs
+    (match_flops finds the keep)."""
+    threshold, layer = args.merge_threshold, args.fastv_layer
+    settings = [Setting("bare", None), fastv_setting("noop", layer, 1.0, method="noop")]
+    settings += [mustdrop_setting(budget, True, threshold) for budget in args.mustdrop]
+    settings += [mustdrop_setting(budget, False, threshold) for budget in args.mustdrop_no_vision]
+    if args.mustdrop_fastv:
+        for budget in args.mustdrop:
+            name = f"mustdrop {budget:g}"
+            settings.append(
+                Setting(f"fastv@{layer} ={name}", None, "fastv=mustdrop", layer=layer, matches=name)
+            )
+    names = [s.name for s in settings]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SystemExit(f"settings given twice: {duplicates}")
+    return settings
+
+
 # -- model, inputs, switching -------------------------------------------------------------------------------
 def build(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Tensor]]:
     dtype = getattr(torch, args.dtype)
     if args.model != "llava":
         return build_qwen(args, dtype)
-    model = tiny_llava(
+    sizes = dict(
         hidden=args.hidden,
         layers=args.layers,
         heads=args.heads,
@@ -308,13 +469,102 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Tensor]]:
         attn_implementation=args.attn,
         seed=args.seed,
         dtype=dtype,
-    ).to(args.device)
+    )
+    if all(getattr(args, k) == v for k, v in TINY_VISION.items()):
+        model = tiny_llava(**sizes)
+    else:
+        model = llava_with_vision(
+            **sizes,
+            vision_layers=args.vision_layers,
+            vision_heads=args.vision_heads,
+            vision_intermediate=args.vision_intermediate or 2 * args.vision_hidden,
+            vision_feature_layer=args.vision_feature_layer,
+        )
+    model = model.to(args.device)
     # A LLaVA-1.5 prompt: "USER: <image>\n{question} ASSISTANT:" -- a short prefix, the rest after the image.
     prefix = min(5, args.text_tokens // 4)
     inputs = tiny_llava_inputs(
         model, [(prefix, args.text_tokens - prefix)] * args.batch, [1] * args.batch, seed=args.seed
     )
+    if args.image == "blocks":
+        images = [block_image(args.image_size, args.seed + i) for i in range(args.batch)]
+        inputs["pixel_values"] = torch.stack(images).to(model.dtype)
     return model, {k: v.to(args.device) for k, v in inputs.items()}
+
+
+def llava_with_vision(
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab: int,
+    image_size: int,
+    patch_size: int,
+    vision_hidden: int,
+    vision_layers: int,
+    vision_heads: int,
+    vision_intermediate: int,
+    vision_feature_layer: int,
+    attn_implementation: str,
+    seed: int,
+    dtype: torch.dtype,
+) -> Any:
+    """tiny_llava with a vision tower of any depth and width (tiny_llava's is fixed at 2 layers, 2 heads)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if vision_hidden % vision_heads:
+        raise SystemExit(
+            f"--vision-hidden {vision_hidden} is not a multiple of --vision-heads {vision_heads}"
+        )
+    if not -vision_layers <= vision_feature_layer <= vision_layers:
+        raise SystemExit(
+            f"--vision-feature-layer {vision_feature_layer}: the tower has {vision_layers} layers"
+        )
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_intermediate,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = LlavaConfig(
+        text_config=tiny_text_config(hidden, layers, heads, kv_heads, intermediate, vocab),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn_implementation
+    return finish_tiny_model(LlavaForConditionalGeneration(config), hidden, dtype)
+
+
+def block_image(size: int, seed: int) -> torch.Tensor:
+    """(3, size, size) normalized pixel values: a flat background, flat colour rectangles and Gaussian-noise
+    rectangles (textured regions) at seeded random places, not aligned to patches."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(*shape, generator=generator)
+
+    def rectangle(low: float, high: float) -> tuple[slice, slice]:
+        height, width = (int(size * f) for f in uniform(low, high, 2))
+        top, left = (
+            int(v) for v in torch.randint(0, size - min(height, width) + 1, (2,), generator=generator)
+        )
+        return slice(top, top + height), slice(left, left + width)
+
+    image = uniform(-1.5, 1.5, 3, 1, 1).expand(3, size, size).clone()
+    for _ in range(4):  # flat colour blocks
+        rows, cols = rectangle(0.15, 0.4)
+        image[:, rows, cols] = uniform(-1.5, 1.5, 3, 1, 1)
+    for _ in range(2):  # textured regions
+        rows, cols = rectangle(0.25, 0.45)
+        patch = image[:, rows, cols]
+        image[:, rows, cols] = torch.randn(patch.shape, generator=generator)
+    return image
 
 
 def build_qwen(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -491,7 +741,7 @@ def rss_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, inputs = build(args)
     setting = next(s for s in make_settings(args) if s.name == args.rss_child)
-    if setting.method == "fastv=pyramid":  # the parent found the keep (a count) and passes it on
+    if setting.method.startswith("fastv="):  # the parent found the keep (a count) and passes it on
         setting.set_keep_count(args.rss_child_keep, visual=args.rss_child_keep)
     Switcher(model).to(setting)
     with torch.inference_mode():
@@ -527,20 +777,21 @@ def cache_bytes(cache: Any) -> int:
 
 # -- equal-FLOPs matching -------------------------------------------------------------------------------------
 def probe_flops(
-    model: Any, pipeline: list[tc.Compressor], inputs: dict[str, torch.Tensor]
+    model: Any, pipeline: list[tc.Compressor], inputs: dict[str, torch.Tensor], total: bool = False
 ) -> tuple[int, int]:
-    """(analytic prefill FLOPs, fewest visual tokens of a sample at the first layer) of one probe forward."""
+    """(analytic prefill FLOPs, fewest visual tokens of a sample at the first layer) of one probe forward;
+    total: the vision encoder's FLOPs included (stats.total_flops)."""
     tc.compress(model, pipeline)
     try:
         prefill(model, inputs)
         stats = tc.stats(model).prefill
-        return stats.flops, min(stats.layers[0].visual)
+        return stats.total_flops if total else stats.flops, min(stats.layers[0].visual)
     finally:
         tc.uncompress(model)
 
 
 def bisect_keep(
-    model: Any, inputs: dict[str, torch.Tensor], layer: int, target: int, visual: int
+    model: Any, inputs: dict[str, torch.Tensor], layer: int, target: int, visual: int, total: bool = False
 ) -> tuple[int, int, int]:
     """(count, its FLOPs, probe forwards): the FastV(layer, keep=count) with FLOPs closest to `target`. FLOPs
     grow with the count, so bisect for the fewest tokens reaching the target, then take it or the one below."""
@@ -548,7 +799,7 @@ def bisect_keep(
 
     def cost(count: int) -> int:
         if count not in costs:
-            costs[count] = probe_flops(model, [tc.FastV(layer=layer, keep=count)], inputs)[0]
+            costs[count] = probe_flops(model, [tc.FastV(layer=layer, keep=count)], inputs, total)[0]
         return costs[count]
 
     low, high = 1, visual
@@ -562,20 +813,28 @@ def bisect_keep(
     return count, cost(count), len(costs)
 
 
-def match_flops(model: Any, inputs: dict[str, torch.Tensor], settings: list[Setting]) -> None:
+def match_flops(model: Any, inputs: dict[str, torch.Tensor], settings: list[Setting]) -> list[dict[str, Any]]:
     """Give every fastv=pyramid setting the FastV keep (a token count) whose analytic prefill FLOPs come
-    closest to its pyramid's: bisection over the count, each candidate costed by a probe forward."""
+    closest to its pyramid's, and every fastv=mustdrop setting the one whose analytic total FLOPs (the vision
+    encoder's included) come closest to its MustDrop setting's: bisection over the count, each candidate costed
+    by a probe forward. A fastv=mustdrop setting no keep brings within MATCH_TOLERANCE is removed from
+    `settings` (FastV cannot get that cheap) and returned, with what the closest keep gave."""
     by_name = {s.name: s for s in settings}
-    for setting in settings:
-        if setting.method != "fastv=pyramid":
+    unmatched = []
+    for setting in list(settings):
+        if not setting.method.startswith("fastv="):
             continue
-        pyramid = by_name[setting.matches]
-        target, visual = probe_flops(model, pyramid.pipeline(), inputs)
-        count, flops, probes = bisect_keep(model, inputs, setting.layer, target, visual)
+        total = setting.method == "fastv=mustdrop"
+        partner = by_name[setting.matches]
+        target, visual = probe_flops(model, partner.pipeline(), inputs, total)
+        count, flops, probes = bisect_keep(model, inputs, setting.layer, target, visual, total)
         mismatch = flops / target - 1
         setting.set_keep_count(count, visual)
         setting.match = {
-            "matches": pyramid.name,
+            "matches": partner.name,
+            "measure": "total (decoder + LM head + vision encoder)"
+            if total
+            else "prefill (decoder + LM head)",
             "keep_count": count,
             "visual_tokens": visual,
             "keep": setting.keep,
@@ -590,12 +849,23 @@ def match_flops(model: Any, inputs: dict[str, torch.Tensor], settings: list[Sett
             file=sys.stderr,
             flush=True,
         )
+        if abs(mismatch) > MATCH_TOLERANCE and total:
+            print(
+                f"  {setting.name}: FastV at layer {setting.layer} cannot reach {partner.name}'s total FLOPs "
+                "(its unpruned first layers and full vision encoder cost more); left out",
+                file=sys.stderr,
+                flush=True,
+            )
+            settings.remove(setting)
+            unmatched.append({"setting": setting.name, **setting.match})
+            continue
         if abs(mismatch) > MATCH_TOLERANCE:
             raise SystemExit(
                 f"{setting.name}: the closest FastV keep ({count} of {visual} tokens) is {mismatch:+.2%} off the "
                 f"pyramid's analytic prefill FLOPs (tolerance {MATCH_TOLERANCE:.0%}): FastV at layer "
                 f"{setting.layer} cannot reach them; try a smaller --fastv-layer or a gentler pyramid"
             )
+    return unmatched
 
 
 # -- probe: analytic FLOPs, KV bytes, memory, sanity --------------------------------------------------------
@@ -628,7 +898,20 @@ def probe(
                 kv_cache_entries=stats.kv_cache_entries,
                 kept_tokens_per_layer=[t[0] for t in stats.prefill.kept_tokens()],
                 visual_tokens_per_layer=[layer.visual[0] for layer in stats.prefill.layers],
+                encoder_flops=stats.prefill.encoder_flops,
+                baseline_encoder_flops=stats.prefill.baseline_encoder_flops,
+                total_flops=stats.prefill.total_flops,
+                baseline_total_flops=stats.prefill.baseline_total_flops,
+                tokens_per_stage=stats.prefill.tokens_per_stage(),
+                average_visual_tokens_passed_on=stats.prefill.average_visual_tokens("passed_on"),
+                average_visual_tokens_processed=stats.prefill.average_visual_tokens("processed"),
             )
+            if setting.method == "mustdrop":  # the filter schedule the library resolved for this model
+                compressor = tc.compressors_of(model)[0]
+                row.update(
+                    mustdrop_acting_layers=compressor.acting_layers(),
+                    mustdrop_filter_layers=list(compressor.after),
+                )
             if setting.method == "pyramid":  # the schedule the library resolved for this model
                 acting = tc.compressors_of(model)[0].acting_layers()
                 row.update(pyramid_acting_layers=acting, pyramid_after_layers=[a - 1 for a in acting])
@@ -645,6 +928,12 @@ def probe(
     bare["prefill_flops"] = bare["prefill_baseline_flops"] = compressed[0]["prefill_baseline_flops"]
     bare["decode_flops"] = bare["decode_baseline_flops"] = compressed[0]["decode_baseline_flops"]
     bare["scoring_flops"] = 0
+    first = compressed[0]
+    bare["encoder_flops"] = bare["baseline_encoder_flops"] = first["baseline_encoder_flops"]
+    bare["total_flops"] = bare["baseline_total_flops"] = first["baseline_total_flops"]
+    bare["tokens_per_stage"] = {"input": first["tokens_per_stage"]["input"]}
+    bare["average_visual_tokens_passed_on"] = [float(n) for n in first["tokens_per_stage"]["input"]]
+    bare["average_visual_tokens_processed"] = bare["average_visual_tokens_passed_on"]
     switcher.to(settings[0])
     return info
 
@@ -668,6 +957,34 @@ def vision_seconds(model: Any, inputs: dict[str, torch.Tensor], args: argparse.N
         if index >= args.warmup:
             times.append(seconds)
     return statistics.median(times)
+
+
+def encoder_seconds_interleaved(
+    model: Any, inputs: dict[str, torch.Tensor], settings: list[Setting], args: argparse.Namespace
+) -> dict[str, list[float]]:
+    """Per setting, the times of the vision tower + projector alone (get_image_features, under the setting's
+    hooks, so MustDrop's vision stage runs the shortened encoder), interleaved round robin like the prefills.
+    The hooks keep each call's merge record for a next prefill; switching (tc.uncompress) drops it."""
+    config = model.config
+    extra = {
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+    }
+    switcher = Switcher(model)
+    times: dict[str, list[float]] = {s.name: [] for s in settings}
+    for round_index in range(args.warmup + args.repeats):
+        shift = round_index % len(settings)
+        for setting in settings[shift:] + settings[:shift]:
+            switcher.to(setting)
+            gc.collect()
+            _, seconds = timed(
+                lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra),
+                args.device,
+            )
+            if round_index >= args.warmup:
+                times[setting.name].append(seconds)
+    switcher.to(settings[0])
+    return times
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -703,6 +1020,8 @@ def summarize(
             "pyramid_after_layers_requested": setting.after_layers and list(setting.after_layers),
             "matches": setting.matches,
             "flops_match": setting.match,
+            "budget": setting.budget,
+            "vision_stage": setting.vision_stage,
             "prefill_ms": prefill_s * 1e3,
             "prefill_spread_iqr_over_median": spread(t.prefill_s),
             "prefill_speedup": realized,
@@ -722,6 +1041,14 @@ def summarize(
             "decode_ms_all": [s * 1e3 for s in t.decode_s],
             **i,
         }
+        if i.get("baseline_total_flops"):  # the vision encoder counted too (the adapter exposes it)
+            total_speedup = i["baseline_total_flops"] / i["total_flops"]
+            row.update(
+                analytic_encoder_flops_ratio_vs_bare=i["encoder_flops"] / i["baseline_encoder_flops"],
+                analytic_total_flops_ratio_vs_bare=i["total_flops"] / i["baseline_total_flops"],
+                analytic_total_flops_speedup=total_speedup,
+                realized_over_analytic_total=realized / total_speedup,
+            )
         rows.append(row)
     return rows
 
@@ -770,6 +1097,98 @@ def format_table(rows: list[dict[str, Any]], rss: bool) -> str:
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*c) for c in lines]
     return "\n".join(out)
+
+
+def render(header: list[str], lines: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(out + [fmt.format(*c) for c in lines])
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def add_mustdrop_figures(
+    rows: list[dict[str, Any]], encoder_times: dict[str, list[float]], args: argparse.Namespace
+) -> None:
+    """Per row: the encoder's median time and speedup, its analytic speedup, the windows the vision stage merged
+    (sample means), and the KV cache against the uncompressed one."""
+    window = 3  # MustDrop's default merge_window
+    side = args.image_size // args.patch_size
+    windows = (side // window) ** 2
+    bare_encoder = statistics.median(encoder_times[rows[0]["setting"]])
+    bare_kv = rows[0]["kv_bytes"]
+    for r in rows:
+        encoder_s = statistics.median(encoder_times[r["setting"]])
+        stages = r.get("tokens_per_stage", {})
+        entering = stages.get("vision encoder", stages.get("input"))
+        merged = [(n - m) / (window * window - 1) for n, m in zip(stages["input"], entering, strict=True)]
+        r.update(
+            encoder_ms=encoder_s * 1e3,
+            encoder_ms_all=[t * 1e3 for t in encoder_times[r["setting"]]],
+            encoder_spread_iqr_over_median=spread(encoder_times[r["setting"]]),
+            encoder_speedup=bare_encoder / encoder_s,
+            encoder_analytic_flops_speedup=r["baseline_encoder_flops"] / r["encoder_flops"],
+            decoder_ms_estimate=r["prefill_ms"] - encoder_s * 1e3,
+            decoder_speedup_estimate=(rows[0]["prefill_ms"] - bare_encoder * 1e3)
+            / (r["prefill_ms"] - encoder_s * 1e3),
+            visual_tokens_after_encoder=entering,
+            windows_merged=merged,
+            windows_merged_fraction=mean(merged) / windows,
+            windows_per_image=windows,
+            kv_bytes_stats=r.get("kv_bytes_stats", bare_kv),  # bare: the returned cache's bytes
+            kv_bytes_uncompressed=r.get("kv_bytes_uncompressed_stats", bare_kv),
+        )
+
+
+def format_mustdrop_table(rows: list[dict[str, Any]]) -> str:
+    header = [
+        "setting",
+        "vis passed_on",
+        "vis processed",
+        "enc tokens",
+        "dec FLOPs",
+        "enc FLOPs",
+        "total FLOPs",
+        "prefill ms",
+        "iqr",
+        "speedup",
+        "total x",
+        "real/anl",
+        "enc ms",
+        "enc x",
+        "dec x",
+        "decode ms",
+        "KV MiB",
+        "KV/full",
+    ]
+    lines = []
+    for r in rows:
+        lines.append(
+            [
+                r["setting"],
+                f"{mean(r['average_visual_tokens_passed_on']):.1f}",
+                f"{mean(r['average_visual_tokens_processed']):.1f}",
+                f"{mean(r['visual_tokens_after_encoder']):.0f}",
+                f"{r['analytic_flops_ratio_vs_bare']:.3f}",
+                f"{r['analytic_encoder_flops_ratio_vs_bare']:.3f}",
+                f"{r['analytic_total_flops_ratio_vs_bare']:.3f}",
+                f"{r['prefill_ms']:.0f}",
+                f"{r['prefill_spread_iqr_over_median']:.0%}",
+                f"{r['prefill_speedup']:.3f}",
+                f"{r['analytic_total_flops_speedup']:.3f}",
+                f"{r['realized_over_analytic_total']:.3f}",
+                f"{r['encoder_ms']:.0f}",
+                f"{r['encoder_speedup']:.3f}",
+                f"{r['decoder_speedup_estimate']:.3f}",
+                f"{r['decode_ms_per_step']:.1f}",
+                f"{r['kv_bytes_stats'] / MiB:.2f}",
+                f"{r['kv_bytes_stats'] / r['kv_bytes_uncompressed']:.3f}",
+            ]
+        )
+    return render(header, lines)
 
 
 def evaluate_targets(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -843,7 +1262,172 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
+    env.update(git_state())
     return env
+
+
+def git_state() -> dict[str, Any]:
+    """The checkout's commit and its uncommitted files (the figures are of that code), where git answers."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], capture_output=True, text=True, cwd=root, timeout=30)
+        return done.stdout.rstrip() if done.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit or None, "git_uncommitted": [line[3:] for line in dirty]}
+
+
+def run_lengths(values: Sequence[int]) -> str:
+    """576,320,320,222 -> '576,320x2,222'."""
+    parts: list[list[int]] = []
+    for value in values:
+        if parts and parts[-1][0] == value:
+            parts[-1][1] += 1
+        else:
+            parts.append([value, 1])
+    return ",".join(f"{v}" if n == 1 else f"{v}x{n}" for v, n in parts)
+
+
+def config_record(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("rss_child", "rss_child_keep")
+    }
+
+
+def mustdrop_report(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    encoder_times: dict[str, list[float]],
+    unmatched: list[dict[str, Any]],
+    vision_s: float,
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+    params: int,
+    length: int,
+) -> dict[str, Any]:
+    """Print and write (args.out) the MustDrop comparison."""
+    add_mustdrop_figures(rows, encoder_times, args)
+    bare = rows[0]
+    side = args.image_size // args.patch_size
+    print()
+    print(
+        f"tokencompress efficiency, MustDrop -- random llava: decoder hidden {args.hidden}, {args.layers} layers, "
+        f"heads {args.heads}/{args.kv_heads} kv, intermediate {args.intermediate}, vocab {args.vocab}; CLIP vision "
+        f"tower {args.vision_layers} layers, width {args.vision_hidden}, {args.vision_heads} heads, MLP "
+        f"{args.vision_intermediate or 2 * args.vision_hidden}, read at layer {args.vision_feature_layer}; "
+        f"{params / 1e6:.1f}M params, {args.dtype}, attn {args.attn}"
+    )
+    print(
+        f"input: batch {args.batch} x {length} tokens ({side * side} image tokens, {side}x{side} grid "
+        f"from {args.image_size}px / patch {args.patch_size}; {args.text_tokens} text); image: {args.image}; "
+        f"merge_threshold {args.merge_threshold}; FastV layer {args.fastv_layer}"
+    )
+    md = next((r for r in rows if r["method"] == "mustdrop"), None)
+    if md is not None:
+        print(
+            f"MustDrop filters after decoder layers {md['mustdrop_filter_layers']} (acting before "
+            f"{md['mustdrop_acting_layers']}, layer 1 being the vision stage's merge of the copies)"
+        )
+    threads = f"{torch.get_num_threads()} thread(s)" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(
+        f"timing: {args.device}, {threads}, {args.repeats} interleaved rounds after {args.warmup} warm-up, median; "
+        "prefill = the whole model(**inputs, use_cache=True, logits_to_keep=1), vision encoder included"
+    )
+    print(
+        f"load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} (cpu count {os.cpu_count()})"
+    )
+    spare = (os.cpu_count() or 1) - args.threads
+    if args.device == "cpu" and max(load_before[0], load_after[0] - args.threads) > spare:
+        print("WARNING: other processes were using the CPU; timings are likely noisy")
+    if args.quick:
+        print("NOTE: --quick sizes are far too small for the figures to be meaningful (smoke run only)")
+    print()
+    print(format_mustdrop_table(rows))
+    print()
+    print(
+        "vis passed_on / processed: visual tokens per decoder layer averaged over the layers, "
+        "tc.stats(model).prefill.average_visual_tokens(convention), sample mean; enc tokens: visual tokens "
+        "after the vision stage's window merge (tokens_per_stage()['vision encoder']); dec / enc / total FLOPs: "
+        "analytic, over bare (flops / baseline_flops, encoder_flops / baseline_encoder_flops, total_flops / "
+        "baseline_total_flops); speedup: bare prefill median / setting's; total x: baseline_total_flops / "
+        "total_flops; real/anl: speedup / total x; enc ms, enc x: the vision tower + projector alone "
+        "(get_image_features under the setting's hooks), median and speedup over bare; dec x: (prefill - enc ms) of bare over the setting's, an estimate of the "
+        "decoder's own speedup (its analytic one: 1 / dec FLOPs); decode ms: median "
+        "single-token step; KV MiB, KV/full: tc.stats kv_cache_bytes and its ratio to "
+        "kv_cache_bytes_uncompressed."
+    )
+    print(
+        f"vision tower alone, bare: {bare['encoder_ms']:.1f} ms (interleaved median; {vision_s * 1e3:.1f} ms timed "
+        f"back to back after the rounds) = {bare['encoder_ms'] / bare['prefill_ms']:.1%} of the bare prefill; "
+        f"analytically {bare['baseline_encoder_flops'] / bare['baseline_total_flops']:.1%} of the total FLOPs"
+    )
+    noop = next((r for r in rows if r["method"] == "noop"), None)
+    if noop is not None:
+        print(
+            f"engine overhead (noop, FastV keep 1.0): {noop['prefill_ms'] / bare['prefill_ms'] - 1:+.2%} prefill, "
+            f"{noop['encoder_ms'] / bare['encoder_ms'] - 1:+.2%} vision tower (its hooks count FLOPs), "
+            f"logits max |diff| vs bare {noop['max_abs_logit_diff_vs_bare']:.2e}"
+        )
+    for r in rows[1:]:
+        if r["method"] == "noop":
+            continue
+        merged = r["windows_merged"]
+        line = f"{r['setting']}: visual tokens per layer {run_lengths(r['visual_tokens_per_layer'])}"
+        if r["method"] == "mustdrop" and r["vision_stage"]:
+            line += (
+                f"; windows merged {mean(merged):.1f}/{r['windows_per_image']} ({r['windows_merged_fraction']:.1%}), "
+                f"{mean(r['visual_tokens_after_encoder']):.0f} encoder tokens"
+            )
+        match = r.get("flops_match")
+        if match is not None:
+            line += (
+                f"; keep {match['keep_count']}/{match['visual_tokens']}, total FLOPs {match['mismatch']:+.2%} off "
+                f"{match['matches']}"
+            )
+        line += (
+            f"; logits max |diff| vs bare {r['max_abs_logit_diff_vs_bare']:.2e}, same next token "
+            f"{r['same_next_token_as_bare']}"
+        )
+        print(line)
+    for u in unmatched:
+        print(
+            f"{u['setting']}: left out; the cheapest FastV@{args.fastv_layer} tried (keep {u['keep_count']}) costs "
+            f"{u['mismatch']:+.1%} of {u['matches']}'s total FLOPs"
+        )
+    for r in rows:
+        if r["kv_bytes_stats"] != r["kv_bytes"]:
+            print(
+                f"NOTE {r['setting']}: tc.stats kv_cache_bytes {r['kv_bytes_stats']} != the returned cache's "
+                f"{r['kv_bytes']} bytes"
+            )
+    result = {
+        "config": config_record(args),
+        "input": {
+            "batch": args.batch,
+            "length": length,
+            "image_tokens": side * side,
+            "params": params,
+        },
+        "environment": environment(args),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "memory_method": CUDA_MEMORY_METHOD if args.device == "cuda" else CPU_MEMORY_METHOD,
+        "vision_ms": vision_s * 1e3,
+        "vision_share_of_bare_prefill": vision_s * 1e3 / bare["prefill_ms"],
+        "settings": rows,
+        "fastv_unmatched": unmatched,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -864,16 +1448,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
 
     with torch.inference_mode():
-        if any(s.method == "fastv=pyramid" for s in settings):
-            print(
-                "matching FastV to the pyramids' analytic FLOPs (bisection) ...", file=sys.stderr, flush=True
-            )
-            match_flops(model, inputs, settings)
+        unmatched: list[dict[str, Any]] = []
+        if any(s.method.startswith("fastv=") for s in settings):
+            print("matching FastV's analytic FLOPs (bisection) ...", file=sys.stderr, flush=True)
+            unmatched = match_flops(model, inputs, settings)
         print("probing FLOPs, KV cache and memory ...", file=sys.stderr, flush=True)
         info = probe(model, inputs, settings, args)
         print("timing (interleaved) ...", file=sys.stderr, flush=True)
         timings = time_interleaved(model, inputs, settings, args)
         vision_s = vision_seconds(model, inputs, args)
+        if args.mustdrop:
+            print("timing the vision tower per setting (interleaved) ...", file=sys.stderr, flush=True)
+            encoder_times = encoder_seconds_interleaved(model, inputs, settings, args)
     if args.rss:
         if args.device != "cpu":
             print("--rss applies to --device cpu only; skipped", file=sys.stderr)
@@ -885,6 +1471,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_after = os.getloadavg()
 
     rows = summarize(settings, timings, info)
+    if args.mustdrop:
+        return mustdrop_report(
+            args, rows, encoder_times, unmatched, vision_s, load_before, load_after, params, length
+        )
     targets = evaluate_targets(rows, args)
     bare = rows[0]
     vision_share = vision_s * 1e3 / bare["prefill_ms"]
@@ -984,11 +1574,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{target['status']:<4}  {target['name']}: {target['detail']}")
 
     result = {
-        "config": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in vars(args).items()
-            if k not in ("rss_child", "rss_child_keep")
-        },
+        "config": config_record(args),
         "input": {"batch": batch, "length": length, "image_tokens": image_tokens, "params": params},
         "environment": environment(args),
         "load_average_before": load_before,
