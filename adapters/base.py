@@ -130,6 +130,14 @@ class Adapter:
         weight = self.model.get_input_embeddings().weight[token_id]
         return (embeds == weight.to(embeds.dtype)).all(-1)
 
+    def input_norm(self, layer: int) -> nn.Module:
+        """The layer's normalisation before attention (what routers read)."""
+        return self.layers[layer].input_layernorm
+
+    def mlp(self, layer: int) -> nn.Module:
+        """The layer's feed-forward block, whose output a mixture-of-depths router scales."""
+        return self.layers[layer].mlp
+
     # -- attention pieces for scoring -------------------------------------------------------------------
     def attention(self, layer: int) -> nn.Module:
         return self.layers[layer].self_attn

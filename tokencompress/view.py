@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +48,8 @@ class VisualView:
     column of each sample's routing token (the `<ROUTER>` token or the last prompt token); score_queries (B, q)
     marks the real query rows when `scores` holds one row per query (B, q, n); state is the compressor's scratch
     space for this forward, shared by its stages (e.g. tokens an early stage protects from later ones); encoder
-    says which slots copy one merged encoder token, when the compressor asked the encoder to merge windows.
+    says which slots copy one merged encoder token, when the compressor asked the encoder to merge windows;
+    input_norm is the layer's own input normalisation (what its attention reads), for routers that read it.
     """
 
     layer: int
@@ -63,6 +65,7 @@ class VisualView:
     score_queries: Tensor | None = None
     state: dict = field(default_factory=dict)
     encoder: EncoderCopies | None = None
+    input_norm: Callable[[Tensor], Tensor] | None = None
 
     def counts(self) -> Tensor:
         return self.is_visual.sum(1)
@@ -117,3 +120,19 @@ class EncoderCopies:
 
     copy_of: Tensor
     key: Tensor
+
+
+@dataclass(frozen=True)
+class Route:
+    """A compressor's decision that only some visual slots run through this one layer (mixture of depths): the
+    others skip it unchanged and are all back at the next layer; the layer's KV cache holds only what ran.
+
+    routed: (B, n) bool over the current slots (non-visual slots always run). mlp_scale: (B, n) factor on each
+    running slot's MLP output (the router's gradient path), or None. info, aux_loss, extra_flops: as in Merge.
+    """
+
+    routed: Tensor
+    mlp_scale: Tensor | None = None
+    info: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+    extra_flops: int = 0

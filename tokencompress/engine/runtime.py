@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..accounting import ForwardStats, LayerStats, Stats
 from ..compressors.base import Compressor
 from ..ops import compact_columns, gather_rows
-from ..view import EncoderCopies, Merge, VisualTokens, VisualView
+from ..view import EncoderCopies, Merge, Route, VisualTokens, VisualView
 from .encoder import EncoderHooks, EncoderRecord
 from .masks import allowed_keys, to_implementation
 from .merging import apply_merge
@@ -58,6 +58,19 @@ class ForwardState:
     aux_loss: Tensor | None = None
     routing: Tensor | None = None  # (B,) input position of each sample's routing token
     encoder: EncoderCopies | None = None  # (B, L) what the vision encoder merged, when it did
+    route: RoutedLayer | None = None  # the layer running on a routed subset right now
+
+
+@dataclass(eq=False)
+class RoutedLayer:
+    """One layer running on a subset of the slots (a Route): what to put back after it."""
+
+    layer: int
+    slots: Slots  # all slots, as before the layer
+    hidden: Tensor  # all hidden states entering the layer (the skipped ones leave it as they are)
+    columns: Tensor  # (B, n') the running slots' columns in `slots`
+    real: Tensor  # (B, n') which of those are real
+    mlp_scale: Tensor | None  # (B, n') per running slot
 
     @property
     def has_visual(self) -> bool:
@@ -120,6 +133,13 @@ class Engine:
             self._hook_pre(adapter.language_model, self._on_text)
             for index, layer in enumerate(adapter.layers):
                 self._hook_pre(layer, functools.partial(self._on_layer, index))
+            for index in sorted(self.acting):
+                self.handles.append(
+                    adapter.layers[index].register_forward_hook(functools.partial(self._after_routed, index))
+                )
+                self.handles.append(
+                    adapter.mlp(index).register_forward_hook(functools.partial(self._scale_mlp, index))
+                )
             for index in adapter.addition_layers():
                 self.handles.append(
                     adapter.layers[index].register_forward_hook(functools.partial(self._add_features, index))
@@ -359,6 +379,25 @@ class Engine:
         added[present] = values.to(output.dtype)[row_of.gather(1, slots.index)[present]]
         return output + added
 
+    def _after_routed(self, index: int, module: nn.Module, args: tuple, output: Any) -> Any:
+        """After a layer that ran on routed slots: the skipped ones rejoin with their input hidden states."""
+        fwd = self.fwd
+        route = None if fwd is None else fwd.route
+        if route is None or route.layer != index:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(route.columns)
+        full = route.hidden.index_put((rows[route.real], route.columns[route.real]), out[route.real])
+        fwd.slots, fwd.route = route.slots, None
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    def _scale_mlp(self, index: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        fwd = self.fwd
+        route = None if fwd is None else fwd.route
+        if route is None or route.layer != index or route.mlp_scale is None:
+            return None
+        return output * route.mlp_scale[..., None].to(output.dtype)
+
     def _on_final_norm(self, module: nn.Module, args: tuple) -> tuple | None:
         fwd = self.fwd
         if fwd is None:
@@ -466,6 +505,7 @@ class Engine:
             scores=scores,
             score_queries=score_queries,
             state=fwd.states.setdefault(id(compressor), {}),
+            input_norm=self.adapter.input_norm(index),
             encoder=None
             if fwd.encoder is None
             else EncoderCopies(
@@ -475,12 +515,18 @@ class Engine:
         decision = compressor.select(view)
         fwd.full_hidden = hidden if fwd.full_hidden is None else self._restore(fwd.full_hidden, slots, hidden)
         fwd.memo.clear()
-        if isinstance(decision, Merge):
+        if isinstance(decision, (Merge, Route)):
             if decision.info:
                 fwd.stats.decisions[index] = {key: value.detach() for key, value in decision.info.items()}
             fwd.stats.extra_flops += decision.extra_flops
             if decision.aux_loss is not None:
                 fwd.aux_loss = decision.aux_loss if fwd.aux_loss is None else fwd.aux_loss + decision.aux_loss
+        if isinstance(decision, Route):
+            fwd.slots, columns = slots.select(chunk_ok & (~is_visual | decision.routed))
+            scale = None if decision.mlp_scale is None else decision.mlp_scale.gather(1, columns)
+            fwd.route = RoutedLayer(index, slots, hidden, columns, fwd.slots.real, scale)
+            hidden = gather_rows(hidden, columns)
+        elif isinstance(decision, Merge):
             fwd.slots, hidden = apply_merge(
                 slots, hidden, decision, chunk_ok, fwd.tokens, self.adapter.positions_on_grid
             )
