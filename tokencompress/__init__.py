@@ -15,10 +15,12 @@ from .api import (
     stats,
     uncompress,
 )
+from .arank import ARank, arank
 from .compressors import (
     DPN,
     Compressor,
     FastV,
+    GammaMoD,
     MustDrop,
     RandomDrop,
     StaticPyramid,
@@ -27,12 +29,16 @@ from .compressors import (
     registry,
 )
 from .routing import ROUTER_TOKEN, add_routing_token, with_routing_token
-from .view import Merge, VisualView
+from .view import Merge, Route, VisualView
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARank",
     "DPN",
+    "GammaMoD",
+    "Route",
+    "arank",
     "ROUTER_TOKEN",
     "Compressor",
     "Merge",

@@ -33,6 +33,18 @@ OWNER = "_tokencompress_owner"  # set on a compressor while it serves a model: o
 
 
 @dataclass(eq=False)
+class RoutedLayer:
+    """One layer running on a subset of the slots (a Route): what to put back after it."""
+
+    layer: int
+    slots: Slots  # all slots, as before the layer
+    hidden: Tensor  # all hidden states entering the layer (the skipped ones leave it as they are)
+    columns: Tensor  # (B, n') the running slots' columns in `slots`
+    real: Tensor  # (B, n') which of those are real
+    mlp_scale: Tensor | None  # (B, n') per running slot
+
+
+@dataclass(eq=False)
 class ForwardState:
     """Everything one forward of the text model needs to carry from layer to layer."""
 
@@ -59,18 +71,6 @@ class ForwardState:
     routing: Tensor | None = None  # (B,) input position of each sample's routing token
     encoder: EncoderCopies | None = None  # (B, L) what the vision encoder merged, when it did
     route: RoutedLayer | None = None  # the layer running on a routed subset right now
-
-
-@dataclass(eq=False)
-class RoutedLayer:
-    """One layer running on a subset of the slots (a Route): what to put back after it."""
-
-    layer: int
-    slots: Slots  # all slots, as before the layer
-    hidden: Tensor  # all hidden states entering the layer (the skipped ones leave it as they are)
-    columns: Tensor  # (B, n') the running slots' columns in `slots`
-    real: Tensor  # (B, n') which of those are real
-    mlp_scale: Tensor | None  # (B, n') per running slot
 
     @property
     def has_visual(self) -> bool:
