@@ -41,7 +41,6 @@ class RoutedLayer:
     hidden: Tensor  # all hidden states entering the layer (the skipped ones leave it as they are)
     columns: Tensor  # (B, n') the running slots' columns in `slots`
     real: Tensor  # (B, n') which of those are real
-    mlp_scale: Tensor | None  # (B, n') per running slot
 
 
 @dataclass(eq=False)
@@ -110,6 +109,7 @@ class Engine:
             None if encoder is None else EncoderHooks(encoder, windows if encoder.has_cls else None)
         )
         self.generating = False
+        self.mlp_scales: dict[int, Tensor] = {}  # per routed layer, its MLP output factors (B, n')
         self.books: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list[Any] = []
         self.undo: list[Any] = []  # adapters' own per-instance changes, undone on detach
@@ -350,6 +350,7 @@ class Engine:
         if fwd.key_ok is None:
             self._open_cache(fwd, kwargs.get("past_key_values"), hidden.dtype)
         compressor = self.acting.get(index)
+        self.mlp_scales.pop(index, None)
         if compressor is not None and fwd.has_visual:
             hidden = self._compress(fwd, compressor, index, hidden)
 
@@ -391,12 +392,30 @@ class Engine:
         fwd.slots, fwd.route = route.slots, None
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
+    def _check_checkpointing(self, index: int, scale: Tensor) -> None:
+        """Reentrant checkpointing tracks gradients through a layer's positional inputs only; the MLP scale enters
+        the layer another way, so its gradient (and the MLP's) would be wrong: refuse that combination."""
+        layer = self.adapter.layers[index]
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        reentrant = getattr(checkpoint, "keywords", {}).get("use_reentrant", False)
+        if (
+            scale.requires_grad
+            and layer.training
+            and getattr(layer, "gradient_checkpointing", False)
+            and reentrant
+        ):
+            raise ValueError(
+                "a routed layer's MLP scale needs non-reentrant gradient checkpointing (the transformers default): "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}, or mlp_scale='none'"
+            )
+
     def _scale_mlp(self, index: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        fwd = self.fwd
-        route = None if fwd is None else fwd.route
-        if route is None or route.layer != index or route.mlp_scale is None:
+        """Scale the routed layer's MLP output. The factor is kept per layer until that layer's next forward, not
+        read from the forward's state: gradient checkpointing re-runs the layer in backward, after the forward."""
+        scale = self.mlp_scales.get(index)
+        if scale is None or tuple(scale.shape) != tuple(output.shape[:2]):
             return None
-        return output * route.mlp_scale[..., None].to(output.dtype)
+        return output * scale[..., None].to(output.dtype)
 
     def _on_final_norm(self, module: nn.Module, args: tuple) -> tuple | None:
         fwd = self.fwd
@@ -523,8 +542,10 @@ class Engine:
                 fwd.aux_loss = decision.aux_loss if fwd.aux_loss is None else fwd.aux_loss + decision.aux_loss
         if isinstance(decision, Route):
             fwd.slots, columns = slots.select(chunk_ok & (~is_visual | decision.routed))
-            scale = None if decision.mlp_scale is None else decision.mlp_scale.gather(1, columns)
-            fwd.route = RoutedLayer(index, slots, hidden, columns, fwd.slots.real, scale)
+            if decision.mlp_scale is not None:
+                self._check_checkpointing(index, decision.mlp_scale)
+                self.mlp_scales[index] = decision.mlp_scale.gather(1, columns)
+            fwd.route = RoutedLayer(index, slots, hidden, columns, fwd.slots.real)
             hidden = gather_rows(hidden, columns)
         elif isinstance(decision, Merge):
             fwd.slots, hidden = apply_merge(
