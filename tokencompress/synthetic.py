@@ -1,0 +1,231 @@
+"""A seeded visual question answering task that needs no pretrained weights: the quality benchmark's data.
+
+Each image is a flat background with a 3 x 3 grid of cells; a cell is empty or holds one large object, a coloured
+shape or a coloured letter, drawn big enough to cover most of the patches of its cell. Questions take one word to
+answer. Some need the whole image (the background colour, how many objects), most need one cell's fine content
+(its colour, its shape, its letter) or a relation between cells (what is left of an object). Every sample is a
+pure function of (seed, index), so splits are reproducible without files.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+COLOURS = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.75, 0.2),
+    "blue": (0.15, 0.25, 0.95),
+    "yellow": (0.95, 0.9, 0.1),
+    "purple": (0.6, 0.15, 0.8),
+    "orange": (1.0, 0.55, 0.05),
+    "white": (0.97, 0.97, 0.97),
+    "black": (0.05, 0.05, 0.05),
+}
+BACKGROUNDS = ("gray", "brown", "teal", "pink")
+BACKGROUND_RGB = {
+    "gray": (0.5, 0.5, 0.5),
+    "brown": (0.45, 0.3, 0.15),
+    "teal": (0.1, 0.5, 0.5),
+    "pink": (0.95, 0.7, 0.75),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+LETTERS = {  # 5 x 7 bitmaps, drawn scaled up to fill a cell
+    "a": ("01110", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "e": ("11111", "10000", "10000", "11110", "10000", "10000", "11111"),
+    "h": ("10001", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "l": ("10000", "10000", "10000", "10000", "10000", "10000", "11111"),
+    "t": ("11111", "00100", "00100", "00100", "00100", "00100", "00100"),
+    "x": ("10001", "10001", "01010", "00100", "01010", "10001", "10001"),
+    "z": ("11111", "00001", "00010", "00100", "01000", "10000", "11111"),
+    "u": ("10001", "10001", "10001", "10001", "10001", "10001", "01110"),
+}
+PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+QUESTION_TYPES = ("background", "count", "colour", "shape", "letter", "left_of")
+GLOBAL_TYPES = ("background", "count")
+SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One cell's content: a shape or a letter, and its colour."""
+
+    kind: str  # "shape" or "letter"
+    name: str
+    colour: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Tensor  # (3, H, W) float in [0, 1]
+    question: str
+    answer: str
+    qtype: str
+    background: str
+    cells: tuple[Item | None, ...]  # row-major 3 x 3
+
+
+class ShapesTask:
+    """`task.sample(i)` for i = 0, 1, ...: the seed picks the split (train and test use different seeds)."""
+
+    def __init__(self, seed: int = 0, image_size: int = 96, question_types: tuple[str, ...] = QUESTION_TYPES):
+        if image_size % 3:
+            raise ValueError(f"image_size must be a multiple of 3 (a 3 x 3 grid of cells), got {image_size}")
+        unknown = set(question_types) - set(QUESTION_TYPES)
+        if unknown:
+            raise ValueError(f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES}")
+        self.seed, self.image_size, self.question_types = seed, image_size, tuple(question_types)
+
+    def sample(self, index: int) -> Sample:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        background = rng.choice(BACKGROUNDS)
+        count = rng.randint(2, 6)
+        places = rng.sample(range(9), count)
+        cells: list[Item | None] = [None] * 9
+        for place in places:
+            kind = rng.choice(("shape", "shape", "letter"))
+            name = rng.choice(SHAPES if kind == "shape" else tuple(LETTERS))
+            cells[place] = Item(kind, name, rng.choice(tuple(COLOURS)))
+        qtype = self._question_type(rng, cells)
+        question, answer = self._ask(rng, qtype, background, cells)
+        return Sample(self.draw(background, cells, rng), question, answer, qtype, background, tuple(cells))
+
+    def _question_type(self, rng: random.Random, cells: list[Item | None]) -> str:
+        possible = [q for q in self.question_types if _answerable(q, cells)]
+        return rng.choice(possible)
+
+    @staticmethod
+    def _ask(rng: random.Random, qtype: str, background: str, cells: list[Item | None]) -> tuple[str, str]:
+        if qtype == "background":
+            return "what colour is the background ?", background
+        if qtype == "count":
+            return "how many objects are there ?", NUMBERS[sum(c is not None for c in cells)]
+        if qtype == "left_of":
+            pairs = _left_pairs(cells)
+            left, right = rng.choice(pairs)
+            target = cells[right]
+            return f"what is left of the {target.colour} {_noun(target)} ?", _noun(cells[left])
+        kind = "letter" if qtype == "letter" else "shape"
+        choices = [i for i, c in enumerate(cells) if c is not None and (c.kind == kind or qtype == "colour")]
+        place = rng.choice(choices)
+        item = cells[place]
+        where = f"in the {PLACES[place]} cell"
+        if qtype == "colour":
+            return f"what colour is the object {where} ?", item.colour
+        if qtype == "shape":
+            return f"what shape is {where} ?", item.name
+        return f"what letter is {where} ?", item.name
+
+    def draw(self, background: str, cells: list[Item | None], rng: random.Random) -> Tensor:
+        size = self.image_size
+        cell = size // 3
+        image = torch.tensor(BACKGROUND_RGB[background])[:, None, None].repeat(1, size, size)
+        image += 0.03 * torch.randn(
+            3, size, size, generator=torch.Generator().manual_seed(rng.getrandbits(31))
+        )
+        for place, item in enumerate(cells):
+            if item is None:
+                continue
+            top, left = (place // 3) * cell, (place % 3) * cell
+            mask = _item_mask(item, cell)
+            colour = torch.tensor(COLOURS[item.colour])[:, None, None]
+            region = image[:, top : top + cell, left : left + cell]
+            image[:, top : top + cell, left : left + cell] = torch.where(mask, colour, region)
+        return image.clamp(0, 1)
+
+
+def _answerable(qtype: str, cells: list[Item | None]) -> bool:
+    if qtype == "shape":
+        return any(c is not None and c.kind == "shape" for c in cells)
+    if qtype == "letter":
+        return any(c is not None and c.kind == "letter" for c in cells)
+    if qtype == "left_of":
+        return bool(_left_pairs(cells))
+    return True
+
+
+def _left_pairs(cells: list[Item | None]) -> list[tuple[int, int]]:
+    """(left, right) cells side by side in a row, both filled, the right one's colour and noun unique in the image
+    (so "the red circle" names one object)."""
+    names = [(c.colour, _noun(c)) for c in cells if c is not None]
+    pairs = []
+    for place in range(9):
+        if place % 3 == 2 or cells[place] is None or cells[place + 1] is None:
+            continue
+        right = cells[place + 1]
+        if names.count((right.colour, _noun(right))) == 1:
+            pairs.append((place, place + 1))
+    return pairs
+
+
+def _noun(item: Item) -> str:
+    return item.name if item.kind == "shape" else f"letter-{item.name}"
+
+
+def _item_mask(item: Item, cell: int) -> Tensor:
+    """(cell, cell) bool: the object's pixels, covering most of the cell (a margin of 1/8 on each side)."""
+    margin = cell // 8
+    inner = cell - 2 * margin
+    y = torch.arange(cell)[:, None].expand(cell, cell).float()
+    x = torch.arange(cell)[None, :].expand(cell, cell).float()
+    u, v = (x - margin) / inner, (y - margin) / inner  # 0..1 inside the drawing box
+    inside = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
+    if item.kind == "letter":
+        bitmap = torch.tensor([[ch == "1" for ch in row] for row in LETTERS[item.name]])
+        rows = (v * 7).clamp(0, 6).long()
+        cols = (u * 5).clamp(0, 4).long()
+        return inside & bitmap[rows, cols]
+    if item.name == "square":
+        return inside
+    if item.name == "circle":
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.25
+    if item.name == "triangle":
+        return inside & (v >= 1 - 2 * torch.minimum(u, 1 - u) - 1e-6) & (v < 1)
+    band = (abs(u - 0.5) < 0.17) | (abs(v - 0.5) < 0.17)  # cross
+    return inside & band
+
+
+class WordTokenizer:
+    """Word-level tokenizer over the task's closed vocabulary: no hub, no files."""
+
+    def __init__(self) -> None:
+        words = set()
+        for template in (
+            "what colour is the background ?",
+            "how many objects are there ?",
+            "what colour is the object in the cell ?",
+            "what shape is in the cell ?",
+            "what letter is in the cell ?",
+            "what is left of the ?",
+            "question : answer :",
+        ):
+            words.update(template.split())
+        for place in PLACES:
+            words.update(place.split())
+        words.update(COLOURS)
+        words.update(BACKGROUNDS)
+        words.update(SHAPES)
+        words.update(f"letter-{letter}" for letter in LETTERS)
+        words.update(LETTERS)
+        words.update(NUMBERS)
+        self.vocab = list(SPECIAL) + sorted(words)
+        self.index = {word: i for i, word in enumerate(self.vocab)}
+        self.pad_token_id, self.unk_token_id = self.index["<pad>"], self.index["<unk>"]
+        self.bos_token_id, self.eos_token_id = self.index["<s>"], self.index["</s>"]
+        self.image_token_id = self.index["<image>"]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(word, self.unk_token_id) for word in text.split()]
+
+    def decode(self, ids: list[int] | Tensor, skip_special: bool = True) -> str:
+        words = [self.vocab[int(i)] for i in ids]
+        if skip_special:
+            words = [w for w in words if w not in SPECIAL]
+        return " ".join(words)
