@@ -6,6 +6,7 @@ Models", 2024. https://arxiv.org/abs/2410.13859 (code: https://github.com/Yaxin9
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,8 @@ class GammaMoD(Compressor, nn.Module):
         if isinstance(layers, str):
             if layers != "arank":
                 raise ValueError(f"GammaMoD: layers is 'arank' or a list of layer indices, got {layers!r}")
+        elif not isinstance(layers, (list, tuple)):
+            raise TypeError(f"GammaMoD: layers is 'arank' or a list of layer indices, got {layers!r}")
         else:
             layers = list(layers)
             if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
@@ -73,8 +76,12 @@ class GammaMoD(Compressor, nn.Module):
             raise ValueError(f"GammaMoD: routing={routing!r} is not one of {ROUTINGS}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
             raise ValueError(f"GammaMoD: threshold is a router probability in [0, 1), got {threshold!r}")
-        if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or loss_weight < 0:
-            raise ValueError(f"GammaMoD: loss_weight must be >= 0, got {loss_weight!r}")
+        if (
+            isinstance(loss_weight, bool)
+            or not isinstance(loss_weight, (int, float))
+            or not 0 <= loss_weight < math.inf
+        ):
+            raise ValueError(f"GammaMoD: loss_weight must be a finite number >= 0, got {loss_weight!r}")
         if mlp_scale not in MLP_SCALES:
             raise ValueError(f"GammaMoD: mlp_scale={mlp_scale!r} is not one of {MLP_SCALES}")
         self.layers, self.skip, self.routing = layers, float(skip), routing
@@ -137,7 +144,7 @@ class GammaMoD(Compressor, nn.Module):
         logits = self.router(normed.to(self.router.weight.dtype)).float()  # (B, n, 2)
         probability = logits.softmax(-1)[..., 1]
         counts = view.counts()
-        capacity = top_k_mask(probability.detach(), visual, counts - torch.floor(counts * self.skip).long())
+        capacity = top_k_mask(probability.detach(), visual, counts - skipped_count(counts, self.skip))
         if self.routing == "topk" or self.training:
             routed = capacity
         else:
@@ -161,3 +168,9 @@ class GammaMoD(Compressor, nn.Module):
             return logits.sum() * 0.0
         loss = F.cross_entropy(logits[visual], capacity[visual].long())
         return self.loss_weight * loss
+
+
+def skipped_count(visual: Tensor, skip: float) -> Tensor:
+    """floor(skip x N) per sample, in float64 with a relative margin so that a ratio like 0.53 x 100 (= 52.99999...
+    in binary) counts 53 skipped tokens, as the decimal reads."""
+    return torch.floor(visual.double() * skip * (1 + 1e-12)).long()

@@ -30,6 +30,7 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 MODULES_NAME = "tokencompress_modules"  # where trainable compressors sit in a compressed model
 IGNORE_INDEX = -100
 OWNER = "_tokencompress_owner"  # set on a compressor while it serves a model: one model at a time
+MLP_SCALE = "_tokencompress_mlp_scale"  # set on a routed layer's input: its MLP output factors (B, n')
 
 
 @dataclass(eq=False)
@@ -109,7 +110,7 @@ class Engine:
             None if encoder is None else EncoderHooks(encoder, windows if encoder.has_cls else None)
         )
         self.generating = False
-        self.mlp_scales: dict[int, Tensor] = {}  # per routed layer, its MLP output factors (B, n')
+        self.mlp_scales: dict[int, Tensor | None] = {}  # per layer, the factors of the input it is running
         self.books: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list[Any] = []
         self.undo: list[Any] = []  # adapters' own per-instance changes, undone on detach
@@ -136,6 +137,11 @@ class Engine:
             for index in sorted(self.acting):
                 self.handles.append(
                     adapter.layers[index].register_forward_hook(functools.partial(self._after_routed, index))
+                )
+                self.handles.append(
+                    adapter.input_norm(index).register_forward_pre_hook(
+                        functools.partial(self._note_scale, index)
+                    )
                 )
                 self.handles.append(
                     adapter.mlp(index).register_forward_hook(functools.partial(self._scale_mlp, index))
@@ -350,7 +356,6 @@ class Engine:
         if fwd.key_ok is None:
             self._open_cache(fwd, kwargs.get("past_key_values"), hidden.dtype)
         compressor = self.acting.get(index)
-        self.mlp_scales.pop(index, None)
         if compressor is not None and fwd.has_visual:
             hidden = self._compress(fwd, compressor, index, hidden)
 
@@ -397,7 +402,9 @@ class Engine:
         the layer another way, so its gradient (and the MLP's) would be wrong: refuse that combination."""
         layer = self.adapter.layers[index]
         checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
-        reentrant = getattr(checkpoint, "keywords", {}).get("use_reentrant", False)
+        reentrant = getattr(checkpoint, "keywords", {}).get(
+            "use_reentrant", True
+        )  # torch's default: reentrant
         if (
             scale.requires_grad
             and layer.training
@@ -409,9 +416,11 @@ class Engine:
                 "gradient_checkpointing_kwargs={'use_reentrant': False}, or mlp_scale='none'"
             )
 
+    def _note_scale(self, index: int, module: nn.Module, args: tuple) -> None:
+        """The layer starts (or gradient checkpointing re-runs it): take the MLP factors its input carries."""
+        self.mlp_scales[index] = getattr(args[0], MLP_SCALE, None)
+
     def _scale_mlp(self, index: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        """Scale the routed layer's MLP output. The factor is kept per layer until that layer's next forward, not
-        read from the forward's state: gradient checkpointing re-runs the layer in backward, after the forward."""
         scale = self.mlp_scales.get(index)
         if scale is None or tuple(scale.shape) != tuple(output.shape[:2]):
             return None
@@ -542,11 +551,13 @@ class Engine:
                 fwd.aux_loss = decision.aux_loss if fwd.aux_loss is None else fwd.aux_loss + decision.aux_loss
         if isinstance(decision, Route):
             fwd.slots, columns = slots.select(chunk_ok & (~is_visual | decision.routed))
-            if decision.mlp_scale is not None:
-                self._check_checkpointing(index, decision.mlp_scale)
-                self.mlp_scales[index] = decision.mlp_scale.gather(1, columns)
             fwd.route = RoutedLayer(index, slots, hidden, columns, fwd.slots.real)
             hidden = gather_rows(hidden, columns)
+            if decision.mlp_scale is not None:
+                self._check_checkpointing(index, decision.mlp_scale)
+                # On the layer's input itself: gradient checkpointing re-runs the layer on that very tensor in
+                # backward, possibly after other forwards, so the factors must travel with it.
+                setattr(hidden, MLP_SCALE, decision.mlp_scale.gather(1, columns))
         elif isinstance(decision, Merge):
             fwd.slots, hidden = apply_merge(
                 slots, hidden, decision, chunk_ok, fwd.tokens, self.adapter.positions_on_grid
