@@ -26,6 +26,22 @@ stage merges:
   fastv@K =mustdrop B   FastV(layer=K) at the same analytic total FLOPs (decoder + LM head + vision encoder) as
                         mustdrop B, found by the same bisection; left out where FastV cannot get that cheap
 
+With --gamma-mod SKIP... the run compares gamma-MoD (mixture of depths) instead, on the MustDrop mode's decoder
+(576 image + 60 text tokens, hidden 512, 32 layers, so GammaMoD's default layers="arank" are the authors' 28 MoD
+layers 3..30) behind the small default vision tower (gamma-MoD does not touch the encoder, so the prefill stays
+decoder-dominated). Every GammaMoD setting shares one router, random (seeded; untrained: which visual tokens run a
+layer is arbitrary, how many is what the cost depends on):
+
+  bare                  the model as loaded, no hooks
+  noop                  FastV(layer=K, keep=1.0), as above
+  gamma-mod S           GammaMoD(skip=S) for each S: top-(N - floor(S N)) visual tokens by router probability run
+                        each MoD layer, the rest skip it (S = 0: all run, the routing machinery's own cost)
+  gamma-mod S threshold GammaMoD(skip=S, routing="threshold", threshold=T) in eval for S = 0.5: the visual tokens
+                        with p > T run; T (--gamma-mod-threshold) is found by bisection so that about half the
+                        visual tokens run the MoD layers, unless given
+  fastv@K =gamma-mod .. FastV(layer=K) at the same analytic prefill FLOPs (decoder + LM head) as each GammaMoD
+                        setting with S > 0, found by the bisection above
+
 Timing follows the project's notes on CPU timing: single-threaded by default,
 the settings' runs interleaved round robin on one model (compress / uncompress between runs, outside the timed
 region), the median reported. A prefill run is `model(**inputs, use_cache=True, logits_to_keep=1)` as in
@@ -38,6 +54,7 @@ Run from the repository root:
     python -m benchmarks.efficiency --quick    # tiny sizes, a smoke run in seconds
     python -m benchmarks.efficiency --pyramid 2x2 --keeps 0.5   # static pyramid vs FastV at equal FLOPs
     python -m benchmarks.efficiency --mustdrop 192 128 64       # MustDrop budgets (about 7 minutes)
+    python -m benchmarks.efficiency --gamma-mod 0 0.34 0.5      # gamma-MoD skip ratios (about 6 minutes)
 """
 
 from __future__ import annotations
@@ -73,6 +90,7 @@ from tokencompress.tiny_qwen import tiny_qwen_inputs, tiny_qwen_vl
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "efficiency.json"
 MUSTDROP_OUT = DEFAULT_OUT.with_name("mustdrop.json")
+GAMMA_MOD_OUT = DEFAULT_OUT.with_name("gamma_mod.json")
 MiB = 2**20
 
 # Thresholds of the targets the script reports PASS / MISS for.
@@ -117,6 +135,16 @@ MUSTDROP = {
     "image": "blocks",
     "decode_steps": 4,
 }
+# --gamma-mod's defaults: the MustDrop mode's decoder (32 layers: "arank" = 28 MoD layers, as in the authors' 7B
+# setting) and text length, behind the default small vision tower (gamma-MoD leaves the encoder alone).
+GAMMA_MOD = {
+    key: MUSTDROP[key] for key in ("hidden", "layers", "heads", "kv_heads", "intermediate", "decode_steps")
+}
+# The threshold setting: GammaMoD(skip=THRESHOLD_SKIP, routing="threshold"), its threshold found so that this
+# share of the visual tokens runs the MoD layers (averaged over them), within THRESHOLD_SHARE_TOLERANCE.
+THRESHOLD_SKIP = 0.5
+THRESHOLD_SHARE = 1 - THRESHOLD_SKIP
+THRESHOLD_SHARE_TOLERANCE = 0.005
 # tiny_llava's vision tower: the plain run keeps building exactly that model.
 TINY_VISION = {"vision_layers": 2, "vision_heads": 2, "vision_intermediate": None, "vision_feature_layer": -1}
 
@@ -150,7 +178,8 @@ class Setting:
     name: str
     factory: Pipeline | None  # a fresh pipeline for every tc.compress
     # bare | noop | fastv | pyramid | fastv=pyramid (FastV matched to a pyramid's FLOPs) | mustdrop |
-    # fastv=mustdrop (FastV matched to a MustDrop setting's total FLOPs, the vision encoder's included)
+    # fastv=mustdrop (FastV matched to a MustDrop setting's total FLOPs, the vision encoder's included) |
+    # gamma_mod | fastv=gamma_mod (FastV matched to a GammaMoD setting's prefill FLOPs)
     method: str = "bare"
     keep: float | None = None  # FastV: the ratio (for a matched setting, kept tokens / visual tokens)
     layer: int | None = None  # FastV's layer
@@ -158,6 +187,11 @@ class Setting:
     after_layers: tuple[int, ...] | None = None  # pyramid: explicit schedule (None: the library's default)
     budget: float | None = None  # mustdrop: the layer-averaged visual-token budget
     vision_stage: bool | None = None  # mustdrop: whether the vision stage (encoder window merge) is on
+    skip: float | None = None  # gamma_mod: GammaMoD's skip
+    routing: str | None = None  # gamma_mod: "topk" or "threshold"
+    threshold: float | None = (
+        None  # gamma_mod, routing="threshold": the router probability a token must exceed
+    )
     matches: str | None = None  # fastv=...: the name of the setting it matches
     match: dict[str, Any] | None = None  # fastv=...: what match_flops found (keep, FLOPs, mismatch)
 
@@ -200,6 +234,41 @@ def mustdrop_setting(budget: float, vision_stage: bool, merge_threshold: float) 
     return Setting(name, factory, "mustdrop", budget=budget, vision_stage=vision_stage)
 
 
+def gamma_mod_setting(skip: float, routing: str, router: torch.nn.Linear) -> Setting:
+    """GammaMoD(skip, routing) with the shared `router`; a threshold setting's threshold is set on the Setting
+    (find_threshold, or --gamma-mod-threshold) before its first use."""
+    setting = Setting(
+        f"gamma-mod {skip:g}" + (" threshold" if routing == "threshold" else ""),
+        None,
+        "gamma_mod",
+        skip=skip,
+        routing=routing,
+    )
+
+    def factory() -> list[tc.Compressor]:
+        if routing == "threshold" and setting.threshold is None:
+            raise RuntimeError(f"{setting.name}: its threshold is found by find_threshold first")
+        extra = {"threshold": setting.threshold} if routing == "threshold" else {}
+        compressor = tc.GammaMoD(skip=skip, routing=routing, **extra)
+        compressor.router = router  # bind keeps a router it already has: every setting routes alike
+        return [compressor]
+
+    setting.factory = factory
+    return setting
+
+
+def shared_router(args: argparse.Namespace) -> torch.nn.Linear:
+    """GammaMoD's router, Linear(hidden, 2, bias=False), with PyTorch's default init (U(+-1/sqrt(hidden)), as the
+    authors' untrained router) drawn from a generator seeded with --seed: reproducible, and the same for every
+    setting and for the --rss subprocesses."""
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    bound = args.hidden**-0.5
+    router = torch.nn.Linear(args.hidden, 2, bias=False)
+    with torch.no_grad():
+        router.weight.copy_((torch.rand(2, args.hidden, generator=generator) * 2 - 1) * bound)
+    return router.to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
 def parse_kernels(text: str) -> tuple[tuple[int, int], ...]:
     """'2x2' -> ((2, 2),); '1x2,2x2,2x2' -> one (rows, cols) kernel per stage."""
     kernels = []
@@ -229,7 +298,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.efficiency",
         description="Realized vs analytic efficiency of FastV, of static pooling pyramids (DPN without its "
-        "routers) and of MustDrop (--mustdrop) on a random LLaVA- or Qwen-VL-shaped model.",
+        "routers), of MustDrop (--mustdrop) and of gamma-MoD (--gamma-mod) on a random LLaVA- or Qwen-VL-shaped "
+        "model.",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
@@ -329,6 +399,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a FastV setting at each MustDrop budget's analytic total FLOPs (default: on)",
     )
     parser.add_argument(
+        "--gamma-mod",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="SKIP",
+        help="gamma-MoD mode: bare vs tc.GammaMoD(skip=S) per skip ratio (0 <= S < 1; 0: every visual token runs, "
+        "the routing's own cost), one threshold-routed GammaMoD(skip=0.5) and FastV at each one's analytic prefill "
+        "FLOPs, on the MustDrop mode's 32-layer decoder (see GAMMA_MOD in the source; explicit size flags still win)",
+    )
+    parser.add_argument(
+        "--gamma-mod-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help=f"the threshold setting's router threshold (default: found by bisection so that a share of "
+        f"{THRESHOLD_SHARE:g} of the visual tokens runs the MoD layers)",
+    )
+    parser.add_argument(
+        "--gamma-mod-threshold-setting",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include the threshold-routed GammaMoD setting (default: on)",
+    )
+    parser.add_argument(
+        "--gamma-mod-fastv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a FastV setting at each GammaMoD setting's analytic prefill FLOPs (skip > 0; default: on)",
+    )
+    parser.add_argument(
         "--merge-threshold",
         type=float,
         default=0.8,
@@ -344,8 +444,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help=f"JSON results file (default: {DEFAULT_OUT.name}, with --mustdrop {MUSTDROP_OUT.name}, in "
-        "benchmarks/results)",
+        help=f"JSON results file (default: {DEFAULT_OUT.name}, with --mustdrop {MUSTDROP_OUT.name}, with "
+        f"--gamma-mod {GAMMA_MOD_OUT.name}, in benchmarks/results)",
     )
     parser.add_argument(
         "--quick",
@@ -357,11 +457,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     known = parser.parse_known_args(argv)[0]
     if known.mustdrop:  # --mustdrop changes the defaults; explicit flags still win
         parser.set_defaults(**MUSTDROP)
+    if known.gamma_mod:  # so does --gamma-mod
+        parser.set_defaults(**GAMMA_MOD)
     if known.quick:  # so does --quick, after --mustdrop's (a smoke run)
         parser.set_defaults(**QUICK)
+        if known.gamma_mod:  # "arank" leaves no MoD layer in 4 layers; 8 give 3, 4, 5, 6
+            parser.set_defaults(layers=8)
     args = parser.parse_args(argv)
     if args.out is None:
-        args.out = MUSTDROP_OUT if args.mustdrop else DEFAULT_OUT
+        args.out = MUSTDROP_OUT if args.mustdrop else GAMMA_MOD_OUT if args.gamma_mod else DEFAULT_OUT
+    if args.gamma_mod:
+        if args.mustdrop or args.pyramid:
+            parser.error("--gamma-mod, --mustdrop and --pyramid are separate runs")
+        if any(not 0 <= s < 1 for s in args.gamma_mod):
+            parser.error(f"--gamma-mod skip ratios must be in [0, 1), got {args.gamma_mod}")
+        if len(set(args.gamma_mod)) != len(args.gamma_mod):
+            parser.error(f"--gamma-mod skip ratios given twice: {args.gamma_mod}")
+        if args.layers < 5:
+            parser.error(
+                "--gamma-mod: GammaMoD's default layers ('arank': all but 0, 1, 2 and the last) need 5+"
+            )
+        threshold = args.gamma_mod_threshold
+        if threshold is not None and not 0 <= threshold < 1:
+            parser.error(f"--gamma-mod-threshold is a router probability in [0, 1), got {threshold}")
+    elif args.gamma_mod_threshold is not None:
+        parser.error("--gamma-mod-threshold needs --gamma-mod")
     if args.mustdrop:
         if args.model != "llava":
             parser.error("--mustdrop: LLaVA only (its vision stage needs a CLS-style encoder)")
@@ -413,6 +533,8 @@ def make_settings(args: argparse.Namespace) -> list[Setting]:
     layer = args.fastv_layer
     if args.mustdrop:
         return make_mustdrop_settings(args)
+    if args.gamma_mod:
+        return make_gamma_mod_settings(args)
     settings = [Setting("bare", None), fastv_setting("noop", layer, 1.0, method="noop")]
     for keep in args.keeps:
         settings.append(fastv_setting(f"fastv@{layer} {keep:.2f}", layer, keep))
@@ -444,6 +566,37 @@ def make_mustdrop_settings(args: argparse.Namespace) -> list[Setting]:
             settings.append(
                 Setting(f"fastv@{layer} ={name}", None, "fastv=mustdrop", layer=layer, matches=name)
             )
+    names = [s.name for s in settings]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SystemExit(f"settings given twice: {duplicates}")
+    return settings
+
+
+def make_gamma_mod_settings(args: argparse.Namespace) -> list[Setting]:
+    """bare, noop, GammaMoD per skip ratio (top-k routing), the threshold-routed GammaMoD(skip=0.5) (its
+    threshold: --gamma-mod-threshold, or find_threshold once the model is built), then FastV at each GammaMoD
+    setting's analytic prefill FLOPs (skip > 0; match_flops finds the keep). All GammaMoD settings share one
+    seeded router."""
+    layer, router = args.fastv_layer, shared_router(args)
+    settings = [Setting("bare", None), fastv_setting("noop", layer, 1.0, method="noop")]
+    mod = [gamma_mod_setting(skip, "topk", router) for skip in args.gamma_mod]
+    if args.gamma_mod_threshold_setting:
+        mod.append(gamma_mod_setting(THRESHOLD_SKIP, "threshold", router))
+        mod[-1].threshold = args.gamma_mod_threshold
+    settings += mod
+    if args.gamma_mod_fastv:
+        for setting in mod:
+            if setting.skip > 0 or setting.routing == "threshold":
+                settings.append(
+                    Setting(
+                        f"fastv@{layer} ={setting.name}",
+                        None,
+                        "fastv=gamma_mod",
+                        layer=layer,
+                        matches=setting.name,
+                    )
+                )
     names = [s.name for s in settings]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -814,8 +967,8 @@ def bisect_keep(
 
 
 def match_flops(model: Any, inputs: dict[str, torch.Tensor], settings: list[Setting]) -> list[dict[str, Any]]:
-    """Give every fastv=pyramid setting the FastV keep (a token count) whose analytic prefill FLOPs come
-    closest to its pyramid's, and every fastv=mustdrop setting the one whose analytic total FLOPs (the vision
+    """Give every fastv=pyramid (fastv=gamma_mod) setting the FastV keep (a token count) whose analytic prefill
+    FLOPs come closest to its pyramid's (GammaMoD setting's), and every fastv=mustdrop setting the one whose analytic total FLOPs (the vision
     encoder's included) come closest to its MustDrop setting's: bisection over the count, each candidate costed
     by a probe forward. A fastv=mustdrop setting no keep brings within MATCH_TOLERANCE is removed from
     `settings` (FastV cannot get that cheap) and returned, with what the closest keep gave."""
@@ -861,11 +1014,64 @@ def match_flops(model: Any, inputs: dict[str, torch.Tensor], settings: list[Sett
             continue
         if abs(mismatch) > MATCH_TOLERANCE:
             raise SystemExit(
-                f"{setting.name}: the closest FastV keep ({count} of {visual} tokens) is {mismatch:+.2%} off the "
-                f"pyramid's analytic prefill FLOPs (tolerance {MATCH_TOLERANCE:.0%}): FastV at layer "
-                f"{setting.layer} cannot reach them; try a smaller --fastv-layer or a gentler pyramid"
+                f"{setting.name}: the closest FastV keep ({count} of {visual} tokens) is {mismatch:+.2%} off "
+                f"{partner.name}'s analytic prefill FLOPs (tolerance {MATCH_TOLERANCE:.0%}): FastV at layer "
+                f"{setting.layer} cannot reach them; try a smaller --fastv-layer or a gentler setting"
             )
     return unmatched
+
+
+def routed_share(stats: Any, layers: Sequence[int]) -> float:
+    """The share of the visual tokens entering the decoder that ran the given (MoD) layers, over those layers and
+    the batch: sum of visual tokens processed there / (layers x visual tokens at layer 0)."""
+    entering = sum(stats.layers[0].visual)
+    ran = sum(sum(stats.layers[index].visual) for index in layers)
+    return ran / (len(layers) * entering) if entering else float("nan")
+
+
+def find_threshold(
+    model: Any, inputs: dict[str, torch.Tensor], setting: Setting, target: float
+) -> dict[str, Any]:
+    """Set a threshold-routed GammaMoD setting's threshold so that a `target` share of the visual tokens runs its
+    MoD layers: bisection over [0, 1) on the probe forwards' routed_share (fewer run as the threshold rises),
+    until within THRESHOLD_SHARE_TOLERANCE or 30 probes; the closest threshold tried is kept."""
+    tried: dict[float, float] = {}
+
+    def share(threshold: float) -> float:
+        setting.threshold = threshold
+        tc.compress(model, setting.pipeline())
+        try:
+            prefill(model, inputs)
+            layers = tc.compressors_of(model)[0].acting_layers()
+            tried[threshold] = routed_share(tc.stats(model).prefill, layers)
+        finally:
+            tc.uncompress(model)
+        return tried[threshold]
+
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        achieved = share(middle)
+        if abs(achieved - target) <= THRESHOLD_SHARE_TOLERANCE:
+            break
+        if achieved > target:
+            low = middle
+        else:
+            high = middle
+    best = min(tried, key=lambda t: abs(tried[t] - target))
+    setting.threshold = best
+    print(
+        f"  {setting.name}: threshold {best:.6f} routes {tried[best]:.2%} of the visual tokens through the MoD "
+        f"layers (target {target:.0%}; {len(tried)} probe forwards)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "threshold": best,
+        "routed_share": tried[best],
+        "target_share": target,
+        "probe_forwards": len(tried),
+    }
 
 
 # -- probe: analytic FLOPs, KV bytes, memory, sanity --------------------------------------------------------
@@ -911,6 +1117,18 @@ def probe(
                 row.update(
                     mustdrop_acting_layers=compressor.acting_layers(),
                     mustdrop_filter_layers=list(compressor.after),
+                )
+            if setting.method == "gamma_mod":  # the MoD layers the library resolved, and what ran them
+                compressor = tc.compressors_of(model)[0]
+                layers = compressor.acting_layers()
+                row.update(
+                    gamma_mod_layers=layers,
+                    gamma_mod_skip=setting.skip,
+                    gamma_mod_routing=setting.routing,
+                    gamma_mod_threshold=setting.threshold,
+                    gamma_mod_mlp_scale=compressor.mlp_scale,
+                    routed_share=routed_share(stats.prefill, layers),
+                    routed_per_layer=[int(stats.prefill.decisions[i]["routed"][0]) for i in layers],
                 )
             if setting.method == "pyramid":  # the schedule the library resolved for this model
                 acting = tc.compressors_of(model)[0].acting_layers()
@@ -1041,7 +1259,7 @@ def summarize(
             "decode_ms_all": [s * 1e3 for s in t.decode_s],
             **i,
         }
-        if i.get("baseline_total_flops"):  # the vision encoder counted too (the adapter exposes it)
+        if i.get("baseline_encoder_flops"):  # the vision encoder counted too (the adapter exposes it)
             total_speedup = i["baseline_total_flops"] / i["total_flops"]
             row.update(
                 analytic_encoder_flops_ratio_vs_bare=i["encoder_flops"] / i["baseline_encoder_flops"],
@@ -1189,6 +1407,200 @@ def format_mustdrop_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     return render(header, lines)
+
+
+def format_gamma_mod_table(rows: list[dict[str, Any]]) -> str:
+    header = [
+        "setting",
+        "vis/layer",
+        "routed",
+        "FLOPs/bare",
+        "FLOPs x",
+        "prefill ms",
+        "iqr",
+        "speedup",
+        "real/anl",
+        "excess ms",
+        "decode ms",
+        "iqr",
+        "dec x",
+        "KV MiB",
+        "KV/full",
+        "peak MiB",
+        "mem x",
+    ]
+    lines = []
+    for r in rows:
+        share = r.get("routed_share")
+        lines.append(
+            [
+                r["setting"],
+                f"{mean(r['average_visual_tokens_processed']):.1f}",
+                "-" if share is None else f"{share:.3f}",
+                f"{r['analytic_flops_ratio_vs_bare']:.3f}",
+                f"{r['analytic_flops_speedup']:.3f}",
+                f"{r['prefill_ms']:.0f}",
+                f"{r['prefill_spread_iqr_over_median']:.0%}",
+                f"{r['prefill_speedup']:.3f}",
+                f"{r['realized_over_analytic']:.3f}",
+                f"{r['excess_ms_over_proportional']:+.0f}",
+                f"{r['decode_ms_per_step']:.1f}",
+                f"{r['decode_spread_iqr_over_median']:.0%}",
+                f"{r['decode_speedup']:.3f}",
+                f"{r['kv_bytes_stats'] / MiB:.2f}",
+                f"{r['kv_bytes_stats'] / r['kv_bytes_uncompressed']:.3f}",
+                f"{r['peak_mib']:.1f}",
+                f"{r['peak_ratio_vs_bare']:.3f}",
+            ]
+        )
+    return render(header, lines)
+
+
+def gamma_mod_report(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    thresholds: dict[str, dict[str, Any]],
+    vision_s: float,
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+    params: int,
+    length: int,
+) -> dict[str, Any]:
+    """Print and write (args.out) the gamma-MoD comparison."""
+    bare = rows[0]
+    vision_share = vision_s * 1e3 / bare["prefill_ms"]
+    for r in rows:
+        r["kv_bytes_stats"] = r.get("kv_bytes_stats", bare["kv_bytes"])  # bare: the returned cache's bytes
+        r["kv_bytes_uncompressed"] = r.get("kv_bytes_uncompressed_stats", bare["kv_bytes"])
+        # Time beyond what the FLOPs ratio predicts from bare: the work that does not shrink with the tokens.
+        r["excess_ms_over_proportional"] = (
+            r["prefill_ms"] - bare["prefill_ms"] * r["analytic_flops_ratio_vs_bare"]
+        )
+        r["analytic_speedup_with_vision_time"] = 1 / (
+            vision_share + (1 - vision_share) * r["analytic_flops_ratio_vs_bare"]
+        )
+        if r["setting"] in thresholds:
+            r["threshold_search"] = thresholds[r["setting"]]
+    side = args.image_size // args.patch_size
+    print()
+    print(
+        f"tokencompress efficiency, gamma-MoD -- random {args.model}: decoder hidden {args.hidden}, {args.layers} "
+        f"layers, heads {args.heads}/{args.kv_heads} kv, intermediate {args.intermediate}, vocab {args.vocab}; "
+        f"{params / 1e6:.1f}M params, {args.dtype}, attn {args.attn}"
+    )
+    print(
+        f"input: batch {args.batch} x {length} tokens ({side * side} image tokens, {side}x{side} grid from "
+        f"{args.image_size}px / patch {args.patch_size}; {args.text_tokens} text); FastV layer {args.fastv_layer}"
+    )
+    mod = [r for r in rows if r["method"] == "gamma_mod"]
+    if mod:
+        layers = mod[0]["gamma_mod_layers"]
+        print(
+            f"GammaMoD: layers='arank' -> {len(layers)} MoD layers ({layers[0]}..{layers[-1]}), one shared random "
+            f"(untrained, seeded) router, mlp_scale {mod[0]['gamma_mod_mlp_scale']!r}; text tokens run every layer"
+        )
+    threads = f"{torch.get_num_threads()} thread(s)" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(
+        f"timing: {args.device}, {threads}, {args.repeats} interleaved rounds after {args.warmup} warm-up, median; "
+        f"prefill = model(**inputs, use_cache=True, logits_to_keep=1); decode = median of {args.decode_steps} "
+        "single-token steps per round from that prefill's cache"
+    )
+    print(
+        f"load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} (cpu count {os.cpu_count()})"
+    )
+    spare = (os.cpu_count() or 1) - args.threads
+    if args.device == "cpu" and max(load_before[0], load_after[0] - args.threads) > spare:
+        print("WARNING: other processes were using the CPU; timings are likely noisy")
+    if args.quick:
+        print("NOTE: --quick sizes are far too small for the figures to be meaningful (smoke run only)")
+    print()
+    print(format_gamma_mod_table(rows))
+    print()
+    print(
+        "vis/layer: tc.stats(model).prefill.average_visual_tokens() (processed), sample mean; routed: share of the "
+        "visual tokens that ran the MoD layers, averaged over them; FLOPs/bare: prefill flops / baseline_flops "
+        "(decoder + LM head + router / FastV scoring, matmuls only); FLOPs x: its inverse; speedup: bare prefill "
+        "median / setting's; real/anl: speedup / FLOPs x; excess ms: prefill ms - bare ms x FLOPs/bare, the time "
+        "beyond proportional; dec x: bare decode median / setting's; KV MiB, KV/full: tc.stats kv_cache_bytes "
+        "and its ratio to kv_cache_bytes_uncompressed; peak MiB, mem x: peak prefill memory and its ratio to bare."
+    )
+    memory_method = CUDA_MEMORY_METHOD if args.device == "cuda" else CPU_MEMORY_METHOD
+    print(f"peak MiB: {memory_method}")
+    print(
+        f"vision tower + projector alone: {vision_s * 1e3:.1f} ms = {vision_share:.1%} of the bare prefill (not in "
+        "the analytic FLOPs, untouched by compression); analytic speedup counting that fixed time: "
+        + ", ".join(f"{r['setting']} {r['analytic_speedup_with_vision_time']:.3f}x" for r in rows[1:])
+    )
+    noop = next((r for r in rows if r["method"] == "noop"), None)
+    if noop is not None:
+        print(
+            f"engine overhead (noop, FastV keep 1.0): {noop['prefill_ms'] / bare['prefill_ms'] - 1:+.2%} prefill, "
+            f"{noop['decode_ms_per_step'] / bare['decode_ms_per_step'] - 1:+.2%} per decode step"
+        )
+    for r in mod:
+        if r["gamma_mod_skip"] == 0 and r["gamma_mod_routing"] == "topk":
+            print(
+                f"routing overhead ({r['setting']}: every visual token runs every MoD layer, routed through the "
+                f"engine's gather / scatter): {r['prefill_ms'] / bare['prefill_ms'] - 1:+.2%} prefill at "
+                f"{r['analytic_flops_ratio_vs_bare'] - 1:+.3%} analytic FLOPs (the router), "
+                f"{(r['prefill_ms'] - bare['prefill_ms']) / len(r['gamma_mod_layers']):.1f} ms per MoD layer"
+            )
+    for r in rows[1:]:
+        if r["method"] == "noop":
+            continue
+        line = f"{r['setting']}: visual tokens per layer {run_lengths(r['visual_tokens_per_layer'])}"
+        if r["method"] == "gamma_mod":
+            line += f"; routed share {r['routed_share']:.3f}"
+            if r["gamma_mod_routing"] == "threshold":
+                line += f" at threshold {r['gamma_mod_threshold']:.6f}"
+                per_layer = r["routed_per_layer"]
+                line += f" (per MoD layer {min(per_layer)}..{max(per_layer)} of {r['visual_tokens_per_layer'][0]})"
+        match = r.get("flops_match")
+        if match is not None:
+            line += (
+                f"; keep {match['keep_count']}/{match['visual_tokens']}, prefill FLOPs {match['mismatch']:+.2%} off "
+                f"{match['matches']}"
+            )
+        line += (
+            f"; logits max |diff| vs bare {r['max_abs_logit_diff_vs_bare']:.2e}, same next token "
+            f"{r['same_next_token_as_bare']}"
+        )
+        print(line)
+    by_name = {r["setting"]: r for r in rows}
+    for r in rows:
+        if r["method"] != "fastv=gamma_mod":
+            continue
+        g = by_name[r["matches"]]
+        print(
+            f"{g['setting']} vs {r['setting']} at {g['analytic_flops_ratio_vs_bare']:.3f} of bare FLOPs: prefill "
+            f"{g['prefill_ms']:.0f} vs {r['prefill_ms']:.0f} ms ({g['prefill_speedup']:.3f}x vs "
+            f"{r['prefill_speedup']:.3f}x; excess {g['excess_ms_over_proportional']:+.0f} vs "
+            f"{r['excess_ms_over_proportional']:+.0f} ms), decode {g['decode_ms_per_step']:.1f} vs "
+            f"{r['decode_ms_per_step']:.1f} ms, KV {g['kv_bytes_stats'] / MiB:.2f} vs "
+            f"{r['kv_bytes_stats'] / MiB:.2f} MiB, peak {g['peak_mib']:.1f} vs {r['peak_mib']:.1f} MiB"
+        )
+    for r in rows:
+        if r["kv_bytes_stats"] != r["kv_bytes"]:
+            print(
+                f"NOTE {r['setting']}: tc.stats kv_cache_bytes {r['kv_bytes_stats']} != the returned cache's "
+                f"{r['kv_bytes']} bytes"
+            )
+    result = {
+        "config": config_record(args),
+        "input": {"batch": args.batch, "length": length, "image_tokens": side * side, "params": params},
+        "environment": environment(args),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "memory_method": memory_method,
+        "router": "untrained: nn.Linear(hidden, 2, bias=False), U(+-1/sqrt(hidden)) from seed --seed + 1, shared",
+        "vision_ms": vision_s * 1e3,
+        "vision_share_of_bare_prefill": vision_share,
+        "settings": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return result
 
 
 def evaluate_targets(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -1448,6 +1860,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
 
     with torch.inference_mode():
+        thresholds: dict[str, dict[str, Any]] = {}
+        for setting in settings:
+            if setting.routing == "threshold" and setting.threshold is None:
+                if not thresholds:
+                    print("finding the router threshold (bisection) ...", file=sys.stderr, flush=True)
+                thresholds[setting.name] = find_threshold(model, inputs, setting, THRESHOLD_SHARE)
         unmatched: list[dict[str, Any]] = []
         if any(s.method.startswith("fastv=") for s in settings):
             print("matching FastV's analytic FLOPs (bisection) ...", file=sys.stderr, flush=True)
@@ -1465,12 +1883,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print("--rss applies to --device cpu only; skipped", file=sys.stderr)
         else:
             child_argv = [a for a in argv if a != "--rss"]
+            for setting in settings:  # a threshold found here, passed on (one threshold setting at most)
+                if setting.name in thresholds:
+                    child_argv += ["--gamma-mod-threshold", repr(setting.threshold)]
             for setting in settings:
                 print(f"  --rss {setting.name} ...", file=sys.stderr, flush=True)
                 info[setting.name]["rss_peak_growth_bytes"] = rss_in_subprocess(args, child_argv, setting)
     load_after = os.getloadavg()
 
     rows = summarize(settings, timings, info)
+    if args.gamma_mod:
+        return gamma_mod_report(args, rows, thresholds, vision_s, load_before, load_after, params, length)
     if args.mustdrop:
         return mustdrop_report(
             args, rows, encoder_times, unmatched, vision_s, load_before, load_after, params, length
