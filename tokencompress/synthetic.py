@@ -229,3 +229,58 @@ class WordTokenizer:
         if skip_special:
             words = [w for w in words if w not in SPECIAL]
         return " ".join(words)
+
+
+# -- the model's inputs ---------------------------------------------------------------------------------------
+def prompt_words(question: str) -> str:
+    """The text around the image: `<s> <image> x N question : ... ? answer :` (the answer follows)."""
+    return f"question : {question} answer :"
+
+
+def encode(
+    tokenizer: WordTokenizer,
+    samples: list[Sample],
+    image_tokens: int,
+    with_answers: bool = False,
+) -> dict[str, Tensor]:
+    """A left-padded batch for a LLaVA-style model: input_ids, attention_mask, pixel_values, and with answers
+    appended (answer word, then </s>) labels that supervise the answer only."""
+    rows, labels = [], []
+    for sample in samples:
+        prompt = [tokenizer.bos_token_id, *[tokenizer.image_token_id] * image_tokens]
+        prompt += tokenizer.encode(prompt_words(sample.question))
+        answer = tokenizer.encode(sample.answer) + [tokenizer.eos_token_id] if with_answers else []
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    target = torch.full((len(rows), width), -100)
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+        target[i, width - len(row) :] = torch.tensor(label)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "pixel_values": torch.stack([s.image for s in samples]),
+    }
+    if with_answers:
+        batch["labels"] = target
+    return batch
+
+
+def cell_targets(samples: list[Sample], side: int) -> tuple[Tensor, Tensor]:
+    """Per image token (raster order on a side x side patch grid): the colour (0 none, 1.. COLOURS order) and the
+    object (0 none, then SHAPES, then LETTERS) of the cell it lies in; the auxiliary targets of training."""
+    colours, objects = list(COLOURS), list(SHAPES) + list(LETTERS)
+    per_cell = side // 3
+    cell = (torch.arange(side)[:, None] // per_cell * 3 + torch.arange(side)[None, :] // per_cell).flatten()
+    colour = torch.zeros(len(samples), 9, dtype=torch.long)
+    kind = torch.zeros(len(samples), 9, dtype=torch.long)
+    for b, sample in enumerate(samples):
+        for place, item in enumerate(sample.cells):
+            if item is not None:
+                colour[b, place] = 1 + colours.index(item.colour)
+                kind[b, place] = 1 + objects.index(item.name)
+    return colour[:, cell], kind[:, cell]
