@@ -48,9 +48,9 @@ def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalG
         patch_size=PATCH,
     )
     text = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=8,
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=len(tokenizer),
