@@ -1,65 +1,87 @@
-"""The `tokencompress` command line: the demo now; benchmarks live in benchmarks/ (see its README)."""
+"""The `tokencompress` command line. `demo`: every compressor on the shipped shapes model at matched budgets."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 import tokencompress as tc
 
+from . import evaluation
+
+
+def methods(num_layers: int, visual: int) -> list[evaluation.Method]:
+    """The compressors the demo compares, each with the knob that sets its budget (larger keeps more)."""
+
+    def pyramid(value: float) -> tc.StaticPyramid:
+        first = round(value)
+        after = [first] + ([first + 2] if first + 2 <= num_layers - 2 else [])
+        return tc.StaticPyramid(after_layers=after, kernels=(2, 2))
+
+    return [
+        evaluation.Method("FastV", lambda v: tc.FastV(layer=2, keep=float(v)), 0.01, 1.0),
+        evaluation.Method("RandomDrop", lambda v: tc.RandomDrop(layer=2, keep=float(v)), 0.01, 1.0),
+        evaluation.Method("StaticPyramid 2x2", pyramid, 0, num_layers - 2),
+        evaluation.Method("MustDrop", lambda v: tc.MustDrop(budget=float(v)), 1.0, float(visual)),
+        evaluation.Method(
+            "gamma-MoD (untrained router)",
+            lambda v: tc.GammaMoD(skip=min(0.99, 1.0 - float(v)), mlp_scale="straight_through"),
+            0.01,
+            1.0,
+            note="its router is untrained here (random routing); train it with HF Trainer (docs/training.md)",
+        ),
+    ]
+
 
 def demo(args: argparse.Namespace) -> None:
-    """FastV on a tiny random LLaVA: what was kept, the FLOPs saved, and the same answer as the bare model."""
-    from tokencompress.tiny import tiny_llava, tiny_llava_inputs
+    from tqdm.auto import tqdm
 
     torch.manual_seed(0)
-    model = tiny_llava(
-        hidden=128,
-        layers=args.layers,
-        heads=4,
-        kv_heads=2,
-        intermediate=352,
-        vocab=512,
-        image_size=96,
-        patch_size=8,
+    torch.set_num_threads(args.threads)
+    model, tokenizer = evaluation.load_shapes_model(args.model)
+    config = model.config
+    visual = evaluation.image_tokens(model)
+    num_layers = config.text_config.num_hidden_layers
+    samples = evaluation.held_out_samples(args.samples, config.vision_config.image_size)
+    probe = samples[: args.batch]
+    print(
+        f"shapes LLaVA ({args.model or evaluation.ASSETS}): {num_layers} decoder layers, {visual} visual tokens; "
+        f"{len(samples)} held-out questions, batches of {args.batch}"
     )
-    inputs = tiny_llava_inputs(model, [(12, 20), (5, 30)], [1, 2])
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    print(f"tiny random LLaVA: {args.layers} layers, {grid}x{grid} = {grid * grid} visual tokens per image")
-    print("batch of 2 (left-padded): sample 0 has 1 image, sample 1 has 2\n")
-    with torch.inference_mode():
-        bare = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
-        compressor = tc.FastV(layer=args.layer, keep=args.keep)
-        with tc.compressed(model, compressor):
-            pruned = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
-            stats = tc.stats(model)
-    print(f"{compressor}\n")
-    print(stats)
-    prompt = inputs["input_ids"].shape[1]
-    print(f"\ngenerated (bare)    : {bare[:, prompt:].tolist()}")
-    print(f"generated (FastV)   : {pruned[:, prompt:].tolist()}")
-    print(f"\nsample 0, its image's {grid}x{grid} grid from layer {args.layer} on (# kept, . dropped):")
-    print(_kept_grid(stats.prefill.layers[args.layer], inputs, grid))
-
-
-def _kept_grid(layer: tc.accounting.LayerStats, inputs: dict, grid: int) -> str:
-    from tokencompress.tiny import IMAGE_TOKEN_ID
-
-    visual = (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
-    kept = set(layer.kept_positions(0))
-    cells = ["#" if position in kept else "." for position in visual[: grid * grid]]
-    return "\n".join("  " + " ".join(cells[row * grid : (row + 1) * grid]) for row in range(grid))
+    settings: list[tuple[str, str, tc.Compressor | None]] = [("uncompressed", "-", None)]
+    for method in tqdm(methods(num_layers, visual), desc="matching budgets"):
+        for target in args.budgets:
+            value, ratio = evaluation.match_budget(model, tokenizer, method, target, probe)
+            settings.append((method.name, f"{value:.3g} (FLOPs {ratio:.2f})", method.make(value)))
+    results = evaluation.evaluate(
+        model, tokenizer, settings, samples, args.batch, progress=lambda b: tqdm(b, desc="evaluating")
+    )
+    table = evaluation.format_table(results, results[0])
+    print()
+    print(table)
+    for method in methods(num_layers, visual):
+        if method.note:
+            print(f"note, {method.name}: {method.note}")
+    print("not shown: DPN (its routers need training; see docs/training.md)")
+    evaluation.pareto_plot(results, results[0], args.plot)
+    print(f"Pareto plot: {args.plot}")
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokencompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run_demo = commands.add_parser("demo", help="FastV on a tiny random LLaVA")
-    run_demo.add_argument("--layer", type=int, default=2)
-    run_demo.add_argument("--keep", type=float, default=0.5)
-    run_demo.add_argument("--layers", type=int, default=6)
-    run_demo.add_argument("--new-tokens", type=int, default=8)
+    run_demo = commands.add_parser("demo", help="every compressor on the shipped shapes model, side by side")
+    run_demo.add_argument("--model", default=None, help="a saved shapes model (default: the shipped one)")
+    run_demo.add_argument("--samples", type=int, default=600)
+    run_demo.add_argument("--batch", type=int, default=50)
+    run_demo.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35])
+    run_demo.add_argument("--plot", default="tokencompress_demo.png")
+    run_demo.add_argument("--markdown", default=None, help="also write the table to this file")
+    run_demo.add_argument("--threads", type=int, default=torch.get_num_threads())
     run_demo.set_defaults(run=demo)
     args = parser.parse_args(argv)
     args.run(args)

@@ -82,21 +82,26 @@ class ShapesTask:
 
     def sample(self, index: int) -> Sample:
         rng = random.Random(self.seed * 1_000_003 + index)
-        background = rng.choice(BACKGROUNDS)
-        count = rng.randint(2, 6)
-        places = rng.sample(range(9), count)
-        cells: list[Item | None] = [None] * 9
-        for place in places:
-            kind = rng.choice(("shape", "shape", "letter"))
-            name = rng.choice(SHAPES if kind == "shape" else tuple(LETTERS))
-            cells[place] = Item(kind, name, rng.choice(tuple(COLOURS)))
-        qtype = self._question_type(rng, cells)
+        while (
+            True
+        ):  # redraw until one of the asked question types fits the image (e.g. "letter" needs a letter)
+            background = rng.choice(BACKGROUNDS)
+            cells = self._cells(rng)
+            possible = [q for q in self.question_types if _answerable(q, cells)]
+            if possible:
+                break
+        qtype = rng.choice(possible)
         question, answer = self._ask(rng, qtype, background, cells)
         return Sample(self.draw(background, cells, rng), question, answer, qtype, background, tuple(cells))
 
-    def _question_type(self, rng: random.Random, cells: list[Item | None]) -> str:
-        possible = [q for q in self.question_types if _answerable(q, cells)]
-        return rng.choice(possible)
+    @staticmethod
+    def _cells(rng: random.Random) -> list[Item | None]:
+        cells: list[Item | None] = [None] * 9
+        for place in rng.sample(range(9), rng.randint(2, 6)):
+            kind = rng.choice(("shape", "shape", "letter"))
+            name = rng.choice(SHAPES if kind == "shape" else tuple(LETTERS))
+            cells[place] = Item(kind, name, rng.choice(tuple(COLOURS)))
+        return cells
 
     @staticmethod
     def _ask(rng: random.Random, qtype: str, background: str, cells: list[Item | None]) -> tuple[str, str]:
