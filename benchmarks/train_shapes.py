@@ -35,6 +35,9 @@ from tokencompress.synthetic import (
 IMAGE_SIZE, PATCH = 96, 8
 SIDE = IMAGE_SIZE // PATCH
 TRAIN_SEED, TEST_SEED = 0, 1
+CELL_OF_TOKEN = (
+    torch.arange(SIDE)[:, None] // (SIDE // 3) * 3 + torch.arange(SIDE)[None, :] // (SIDE // 3)
+).flatten()
 
 
 def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalGeneration:
@@ -73,12 +76,14 @@ def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalG
 
 
 class CellHeads(nn.Module):
-    """Auxiliary heads: each image token predicts its cell's colour and object."""
+    """Auxiliary heads: each image token predicts its cell's colour and object, and (with `--where`) which of the
+    nine cells it lies in, so a question's "top left" can find its tokens."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.colour = nn.Linear(hidden, 1 + len(COLOURS))
         self.object = nn.Linear(hidden, 1 + len(SHAPES) + len(LETTERS))
+        self.cell = nn.Linear(hidden, 9)
 
 
 @torch.no_grad()
@@ -123,6 +128,8 @@ def train(args: argparse.Namespace) -> None:
         aux = F.cross_entropy(heads.colour(image).flatten(0, 1), colour.flatten()) + F.cross_entropy(
             heads.object(image).flatten(0, 1), kind.flatten()
         )
+        if args.where:
+            aux = aux + F.cross_entropy(heads.cell(image).flatten(0, 1), CELL_OF_TOKEN.repeat(len(samples)))
         loss = out.loss + args.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,6 +168,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--aux-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--where", action="store_true", help="also predict each image token's cell")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=500)
