@@ -51,3 +51,18 @@ def gather_rows(x: Tensor, columns: Tensor) -> Tensor:
         x = x.expand(columns.shape[0], *x.shape[1:])
     index = columns.reshape(*columns.shape, *([1] * (x.dim() - 2))).expand(*columns.shape, *x.shape[2:])
     return x.gather(1, index)
+
+
+def group_mean(values: Tensor, group: Tensor, width: int) -> Tensor:
+    """(B, width, C) the mean of the rows of `values` (B, n, C) in each group of `group` (B, n) (-1: in none),
+    accumulated in float32 and returned in `values`' dtype; empty groups are zeros."""
+    member = group >= 0
+    index = group.clamp(min=0)
+    sums = torch.zeros(*group.shape[:1], width, values.shape[-1], dtype=torch.float32, device=values.device)
+    sums.scatter_add_(
+        1,
+        index[..., None].expand(-1, -1, values.shape[-1]),
+        torch.where(member[..., None], values.float(), 0),
+    )
+    sizes = torch.zeros(*group.shape[:1], width, device=values.device).scatter_add_(1, index, member.float())
+    return (sums / sizes.clamp(min=1)[..., None]).to(values.dtype)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops import keep_counts, top_k_mask
+from ..ops import group_mean, keep_counts, top_k_mask
 from ..view import EncoderWindows, Merge, VisualView
 from ..window_merge import window_groups, window_similarity
 from .base import MultiStageCompressor, check_keep, register
@@ -298,17 +298,7 @@ def merge_mean(view: VisualView, group: Tensor) -> Merge:
     """A Merge of `group` (B, n) whose tokens are their members' mean hidden state, sitting on their first member's
     grid cell; grids keep their shapes (a merged window is one token among its neighbours)."""
     hidden = view.hidden_states
-    batch = hidden.shape[0]
     width = int(group.max()) + 1 if bool((group >= 0).any()) else 0
-    member = group >= 0
-    index = group.clamp(min=0)
-    sums = torch.zeros(batch, width, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    sums.scatter_add_(
-        1,
-        index[..., None].expand(-1, -1, hidden.shape[-1]),
-        torch.where(member[..., None], hidden.float(), 0),
-    )
-    sizes = torch.zeros(batch, width, device=hidden.device).scatter_add_(1, index, member.float())
     first = first_columns(group)
 
     def at_first(values: Tensor) -> Tensor:
@@ -316,7 +306,7 @@ def merge_mean(view: VisualView, group: Tensor) -> Merge:
 
     return Merge(
         group=group,
-        values=(sums / sizes.clamp(min=1)[..., None]).to(hidden.dtype),
+        values=group_mean(hidden, group, width),
         image_index=at_first(view.image_index),
         grid_row=at_first(view.grid_row),
         grid_col=at_first(view.grid_col),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ops import keep_counts, top_k_mask
+from ..ops import group_mean, keep_counts, top_k_mask
 from ..view import EncoderWindows
 from ..window_merge import window_groups, window_similarity
 
@@ -150,12 +150,7 @@ class EncoderHooks:
             groups = window_groups(similarity >= self.windows.threshold, side, side, window)  # (rows, P)
         counts = groups.amax(1) + 1
         width = int(counts.max())
-        sums = torch.zeros(len(groups), width, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-        sums.scatter_add_(1, groups[..., None].expand(-1, -1, hidden.shape[-1]), patches.float())
-        sizes = torch.zeros(len(groups), width, device=hidden.device).scatter_add_(
-            1, groups, torch.ones_like(groups, dtype=torch.float32)
-        )
-        merged = (sums / sizes.clamp(min=1)[..., None]).to(hidden.dtype)
+        merged = group_mean(patches, groups, width)
         short = torch.cat([hidden[:, :lead], merged], dim=1)
         call.before_merge = (*call.before_merge, hidden)
         ok = torch.arange(width, device=hidden.device)[None, :] < counts[:, None]
