@@ -1,35 +1,54 @@
-"""Train the tiny LLaVA the demo and the quality benchmark use, on the synthetic shapes task.
+"""Train the tiny LLaVA the demo and the quality benchmark use (or a tiny Qwen2-VL), on the synthetic shapes task.
 
 python -m benchmarks.train_shapes --out tokencompress/assets/shapes_llava
+python -m benchmarks.train_shapes --arch qwen2_vl  # -> tokencompress/assets/shapes_qwen2_vl
 
 A LlavaForConditionalGeneration built from configs (CLIP 96 px / 8 px patches = 144 image tokens on a 12 x 12
 grid, 3 x 3 cells of 4 x 4 tokens; a LLaMA decoder), trained from scratch on CPU with two losses: the answer's
 cross-entropy (answer word and </s>), and an auxiliary per-token loss in which every image token, as the decoder
 receives it, predicts the colour and the object of its cell (linear heads, dropped after training). No attention
-supervision: attention-based pruning is not favoured by the recipe.
+supervision: attention-based pruning is not favoured by the recipe. `--questions K` asks K questions per image
+in one sequence (turns after the first see the earlier turns; evaluation asks one), which shares the cost of the
+144 image tokens among K answers.
+
+`--arch qwen2_vl`: a Qwen2VLForConditionalGeneration of the same decoder size (Qwen2 layers with M-RoPE) and a
+Qwen2-VL vision tower (4 x 4 px patches x 2 frames, 2 x 2 spatial merge: 24 x 24 patches -> the same 144 tokens
+on a 12 x 12 grid), prompted `<s> <|vision_start|> <|image_pad|> x 144 <|vision_end|> question : ...` with the
+word tokenizer plus Qwen's placeholders (QwenWordTokenizer, encode_qwen2_vl). The auxiliary heads read the
+visual merger's output, whose tokens are in raster order on the merged 12 x 12 grid.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 from tokencompress.synthetic import (
     COLOURS,
     LETTERS,
     QUESTION_TYPES,
     SHAPES,
+    QwenWordTokenizer,
     ShapesTask,
     WordTokenizer,
     cell_targets,
     encode,
+    encode_qwen2_vl,
 )
 
 IMAGE_SIZE, PATCH = 96, 8
@@ -38,6 +57,13 @@ TRAIN_SEED, TEST_SEED = 0, 1
 CELL_OF_TOKEN = (
     torch.arange(SIDE)[:, None] // (SIDE // 3) * 3 + torch.arange(SIDE)[None, :] // (SIDE // 3)
 ).flatten()
+# Qwen2-VL: 4 px patches, 2 x 2 merge -> 24 x 24 patches, 12 x 12 = SIDE x SIDE merged tokens in raster order
+QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2
+ARCHES = ("llava", "qwen2_vl")
+DEFAULT_OUT = {
+    "llava": "tokencompress/assets/shapes_llava",
+    "qwen2_vl": "tokencompress/assets/shapes_qwen2_vl",
+}
 
 
 def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalGeneration:
@@ -75,6 +101,80 @@ def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalG
     return LlavaForConditionalGeneration(config)
 
 
+def build_qwen2_vl(tokenizer: QwenWordTokenizer, seed: int = 0) -> Qwen2VLForConditionalGeneration:
+    """The LLaVA's decoder size (8 layers of width 192, 4 heads of 48, MLP 512) as Qwen2 layers with M-RoPE
+    (t, h, w sections 6 + 9 + 9 = head_dim / 2, Qwen2-VL's 16:24:24 split), and a Qwen2-VL vision tower
+    (depth 4, width 128, 4 heads) whose merger maps 2 x 2 patches to one decoder token."""
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 9, 9]},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        depth=4,
+        embed_dim=128,
+        num_heads=4,
+        mlp_ratio=4,
+        hidden_size=192,  # the merger's output: the decoder width
+        in_channels=3,
+        patch_size=QWEN_PATCH,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=QWEN_TEMPORAL,
+    )
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=tokenizer.vision_start_token_id,
+        vision_end_token_id=tokenizer.vision_end_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def model_inputs(
+    model, tokenizer, samples, with_answers: bool = False, followups=None
+) -> dict[str, torch.Tensor]:
+    """The batch each architecture takes: `encode` (LLaVA, SIDE x SIDE image tokens) or `encode_qwen2_vl` with the
+    model's own patch layout (Qwen2-VL)."""
+    if model.config.model_type == "qwen2_vl":
+        vision = model.config.vision_config
+        return encode_qwen2_vl(
+            tokenizer,
+            samples,
+            with_answers,
+            followups,
+            patch_size=vision.patch_size,
+            merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+        )
+    return encode(tokenizer, samples, SIDE * SIDE, with_answers=with_answers, followups=followups)
+
+
+def image_token_features(model, features: dict) -> nn.Module:
+    """Hooks the module whose output is the image tokens as the decoder receives them (LLaVA's projector,
+    Qwen2-VL's visual merger: both (images x SIDE x SIDE tokens in raster order) rows); stores it in features."""
+    if model.config.model_type == "qwen2_vl":
+        module = model.model.visual.merger
+    else:
+        module = model.model.multi_modal_projector
+    module.register_forward_hook(lambda m, a, out: features.__setitem__("image", out))
+    return module
+
+
 class CellHeads(nn.Module):
     """Auxiliary heads: each image token predicts its cell's colour and object, and (with `--where`) which of the
     nine cells it lies in, so a question's "top left" can find its tokens."""
@@ -93,7 +193,7 @@ def evaluate(model, tokenizer, task: ShapesTask, count: int, batch: int = 100) -
     right: dict[str, list[int]] = {q: [0, 0] for q in QUESTION_TYPES}
     for start in range(0, count, batch):
         samples = [task.sample(i) for i in range(start, min(count, start + batch))]
-        inputs = encode(tokenizer, samples, SIDE * SIDE)
+        inputs = model_inputs(model, tokenizer, samples)
         predicted = model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)
         for sample, token in zip(samples, predicted.tolist(), strict=True):
             right[sample.qtype][0] += tokenizer.encode(sample.answer)[0] == token
@@ -106,13 +206,17 @@ def evaluate(model, tokenizer, task: ShapesTask, count: int, batch: int = 100) -
 
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    tokenizer = WordTokenizer()
-    model = build_model(tokenizer, args.seed)
+    if args.out is None:
+        args.out = DEFAULT_OUT[args.arch]
+    if args.arch == "qwen2_vl":
+        tokenizer = QwenWordTokenizer()
+        model = build_qwen2_vl(tokenizer, args.seed)
+    else:
+        tokenizer = WordTokenizer()
+        model = build_model(tokenizer, args.seed)
     heads = CellHeads(model.config.text_config.hidden_size)
     features = {}
-    model.model.multi_modal_projector.register_forward_hook(
-        lambda m, a, out: features.__setitem__("image", out)
-    )
+    image_token_features(model, features)
     parameters = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
@@ -120,8 +224,13 @@ def train(args: argparse.Namespace) -> None:
     started, log = time.time(), []
     model.train()
     for step in range(args.steps):
-        samples = [task.sample(step * args.batch + i) for i in range(args.batch)]
-        inputs = encode(tokenizer, samples, SIDE * SIDE, with_answers=True)
+        indices = range(step * args.batch, (step + 1) * args.batch)
+        samples = [task.sample(i) for i in indices]
+        followups = [
+            [task.reask(s, random.Random(i)) for _ in range(args.questions - 1)]
+            for i, s in zip(indices, samples, strict=True)
+        ]
+        inputs = model_inputs(model, tokenizer, samples, with_answers=True, followups=followups)
         out = model(**inputs)
         colour, kind = cell_targets(samples, SIDE)
         image = features["image"].reshape(len(samples), SIDE * SIDE, -1)
@@ -162,12 +271,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="tokencompress/assets/shapes_llava")
+    parser.add_argument("--arch", choices=ARCHES, default="llava")
+    parser.add_argument("--out", default=None, help="default: tokencompress/assets/shapes_<arch>")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--aux-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--questions", type=int, default=1, help="questions per training image (one sequence, several turns)"
+    )
     parser.add_argument("--where", action="store_true", help="also predict each image token's cell")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chat_model import save_chat_llava
+from PIL import Image
+from transformers import AutoProcessor
 
 import tokencompress as tc
 from tokencompress import evaluation
@@ -14,24 +17,24 @@ from tokencompress.synthetic import QUESTION_TYPES, encode
 
 @pytest.fixture(scope="module")
 def shipped():
-    model, tokenizer = evaluation.load_shapes_model()
+    model, prompts = evaluation.load_shapes_model()
     samples = evaluation.held_out_samples(40, model.config.vision_config.image_size)
-    return model, tokenizer, samples
+    return model, prompts, samples
 
 
 def test_answers_do_not_depend_on_batching(shipped):
     """The batched, left-padded evaluation gives each sample the answer it gets alone, and the accuracy is the
     share of those answers that equal the first token of the expected word."""
-    model, tokenizer, samples = shipped
+    model, prompts, samples = shipped
     result = evaluation.Result("uncompressed", "-")
-    evaluation.run_batch(model, tokenizer, samples[:20], result)
-    evaluation.run_batch(model, tokenizer, samples[20:], result)
+    evaluation.run_batch(model, prompts, samples[:20], result)
+    evaluation.run_batch(model, prompts, samples[20:], result)
     hits = 0
     with torch.no_grad():
         for sample in samples:
-            inputs = encode(tokenizer, [sample], evaluation.image_tokens(model))
+            inputs = encode(prompts.tokenizer, [sample], prompts.image_tokens)
             token = int(model(**inputs).logits[0, -1].argmax())
-            hits += token == tokenizer.encode(sample.answer)[0]
+            hits += token == prompts.tokenizer.encode(sample.answer)[0]
     assert result.accuracy == hits / len(samples)
     assert sum(result.total.values()) == len(samples)
     assert set(result.total) <= set(QUESTION_TYPES)
@@ -39,23 +42,23 @@ def test_answers_do_not_depend_on_batching(shipped):
 
 def test_shipped_model_beats_chance(shipped):
     """The shipped weights answer the global questions (background colour: 4 choices) far above chance."""
-    model, tokenizer, samples = shipped
+    model, prompts, samples = shipped
     result = evaluation.Result("uncompressed", "-")
-    evaluation.run_batch(model, tokenizer, samples, result)
+    evaluation.run_batch(model, prompts, samples, result)
     assert result.total.get("background", 0) >= 3
     assert result.type_accuracy("background") > 0.5
 
 
 @pytest.mark.parametrize("index", [0, 3])  # FastV and MustDrop
 def test_match_budget_reaches_the_target(shipped, index):
-    model, tokenizer, samples = shipped
+    model, prompts, samples = shipped
     config = model.config
-    method = methods(config.text_config.num_hidden_layers, evaluation.image_tokens(model))[index]
-    value, ratio = evaluation.match_budget(model, tokenizer, method, 0.6, samples[:10])
+    method = methods(config.text_config.num_hidden_layers, prompts.image_tokens)[index]
+    value, ratio = evaluation.match_budget(model, prompts, method, 0.6, samples[:10])
     assert abs(ratio - 0.6) < 0.03
     with tc.compressed(model, method.make(value)):
         result = evaluation.Result(method.name, "")
-        evaluation.run_batch(model, tokenizer, samples[:10], result)
+        evaluation.run_batch(model, prompts, samples[:10], result)
         stats = tc.stats(model)
     assert result.flops_ratio == pytest.approx(stats.prefill.total_flops / stats.prefill.baseline_total_flops)
     assert 0 < result.kv_ratio < 1
@@ -83,3 +86,58 @@ def test_demo_command_writes_table_and_plot(tmp_path, capsys):
     assert rows[2].startswith("| uncompressed |")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("predicted", "expected", "right"),
+    [
+        ("Red.", "red", True),
+        ("red circle", "red", True),
+        ("grey", "gray", True),
+        ("The letter Z", "letter-z", False),  # the first word is "the"
+        ("letter z", "letter-z", True),
+        ("z", "letter-z", True),
+        ("square", "letter-z", False),
+        ("", "red", False),
+        ("reddish", "red", False),
+    ],
+)
+def test_chat_answers_are_read_by_their_first_word(predicted, expected, right):
+    assert evaluation.is_correct(predicted, expected) is right
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return save_chat_llava(tmp_path_factory.mktemp("chat_llava"))
+
+
+def test_chat_model_answers_match_its_own_generate(chat_model):
+    """A hub-style model (processor, chat template): the batched, left-padded evaluation reads the same answers
+    as the model's generate on each prompt alone, built by hand from the processor."""
+    model, prompts = evaluation.load_model(str(chat_model))
+    assert isinstance(prompts, evaluation.ChatPrompts)
+    samples = evaluation.held_out_samples(6, prompts.image_size)
+    predicted = prompts.answers(model, prompts.inputs(samples), None)
+    processor = AutoProcessor.from_pretrained(chat_model)
+    for sample, answer in zip(samples, predicted, strict=True):
+        question = sample.question.replace(" ?", "?").replace("letter-", "letter ")
+        text = f"USER: <image> {question} {evaluation.CHAT_INSTRUCTION} ASSISTANT:"
+        pixels = (sample.image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        inputs = processor(text=[text], images=[Image.fromarray(pixels)], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=prompts.max_new_tokens, do_sample=False)
+        assert answer == processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_demo_takes_a_hub_style_model(chat_model, tmp_path, capsys):
+    """Every method that fits the model runs at the matched budget; one that cannot (gamma-MoD needs a layer
+    besides 0, 1, 2 and the last) is skipped with its reason, not a crash."""
+    table = tmp_path / "demo.md"
+    main(
+        ["demo", "--model", str(chat_model), "--samples", "8", "--batch", "4", "--budgets", "0.8"]
+        + ["--plot", str(tmp_path / "demo.png"), "--markdown", str(table)]
+    )
+    rows = table.read_text().strip().splitlines()
+    assert len(rows) == 2 + 1 + len(methods(4, 64)) - 1
+    assert "skipped, gamma-MoD (untrained router): GammaMoD: a model of 4 layers" in capsys.readouterr().out
+    flops = [float(row.split("|")[-5]) for row in rows[3:]]
+    assert all(abs(f - 0.8) < 0.05 for f in flops), flops

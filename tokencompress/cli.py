@@ -40,23 +40,27 @@ def demo(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model, tokenizer = evaluation.load_shapes_model(args.model)
-    config = model.config
-    visual = evaluation.image_tokens(model)
-    num_layers = config.text_config.num_hidden_layers
-    samples = evaluation.held_out_samples(args.samples, config.vision_config.image_size)
+    model, prompts = evaluation.load_model(args.model, args.device, args.dtype)
+    samples = evaluation.held_out_samples(args.samples, prompts.image_size)
     probe = samples[: args.batch]
+    visual = evaluation.visual_tokens(model, prompts.inputs(probe))
+    num_layers = model.config.get_text_config().num_hidden_layers
     print(
-        f"shapes LLaVA ({args.model or evaluation.ASSETS}): {num_layers} decoder layers, {visual} visual tokens; "
-        f"{len(samples)} held-out questions, batches of {args.batch}"
+        f"{type(model).__name__} ({args.model or evaluation.ASSETS}): {num_layers} decoder layers, "
+        f"{visual} visual tokens; {len(samples)} held-out shapes questions, batches of {args.batch}"
     )
     settings: list[tuple[str, str, tc.Compressor | None]] = [("uncompressed", "-", None)]
+    skipped = []
     for method in tqdm(methods(num_layers, visual), desc="matching budgets"):
-        for target in args.budgets:
-            value, ratio = evaluation.match_budget(model, tokenizer, method, target, probe)
+        try:
+            matched = [evaluation.match_budget(model, prompts, method, t, probe) for t in args.budgets]
+        except ValueError as error:  # the method does not fit this model (e.g. too few layers)
+            skipped.append(f"{method.name}: {error}")
+            continue
+        for value, ratio in matched:
             settings.append((method.name, f"{value:.3g} (FLOPs {ratio:.2f})", method.make(value)))
     results = evaluation.evaluate(
-        model, tokenizer, settings, samples, args.batch, progress=lambda b: tqdm(b, desc="evaluating")
+        model, prompts, settings, samples, args.batch, progress=lambda b: tqdm(b, desc="evaluating")
     )
     table = evaluation.format_table(results, results[0])
     print()
@@ -65,6 +69,8 @@ def demo(args: argparse.Namespace) -> None:
         if method.note:
             print(f"note, {method.name}: {method.note}")
     print("not shown: DPN (its routers need training; see docs/training.md)")
+    for reason in skipped:
+        print(f"skipped, {reason}")
     evaluation.pareto_plot(results, results[0], args.plot)
     print(f"Pareto plot: {args.plot}")
     if args.markdown:
@@ -75,7 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokencompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run_demo = commands.add_parser("demo", help="every compressor on the shipped shapes model, side by side")
-    run_demo.add_argument("--model", default=None, help="a saved shapes model (default: the shipped one)")
+    run_demo.add_argument(
+        "--model",
+        default=None,
+        help="a Hugging Face model id (or local copy) of a chat MLLM, or a shapes model saved by "
+        "benchmarks/train_shapes.py (default: the shipped one)",
+    )
+    run_demo.add_argument("--device", default="cpu")
+    run_demo.add_argument("--dtype", default="auto", help="for hub models: auto, float16, bfloat16, float32")
     run_demo.add_argument("--samples", type=int, default=600)
     run_demo.add_argument("--batch", type=int, default=50)
     run_demo.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35])

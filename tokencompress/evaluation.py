@@ -7,13 +7,15 @@ matched by analytic prefill FLOPs (decoder, LM head and vision encoder), the cur
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import api
 from .compressors import Compressor
@@ -21,8 +23,78 @@ from .synthetic import QUESTION_TYPES, Sample, ShapesTask, WordTokenizer, encode
 
 ASSETS = Path(__file__).parent / "assets" / "shapes_llava"
 TEST_SEED = 1  # the shipped model trained on seed 0
+CHAT_IMAGE_SIZE = 192  # shapes images for chat models (their processors resize them)
+CHAT_INSTRUCTION = "Answer with one word."
 
 Factory = Callable[[float], Compressor]
+
+
+class Prompts(Protocol):
+    """How a model is asked the shapes questions and how its answer is read back."""
+
+    image_size: int
+
+    def inputs(self, samples: list[Sample]) -> dict[str, Tensor]: ...
+
+    def answers(self, model: nn.Module, inputs: dict[str, Tensor], logits: Tensor) -> list[str]: ...
+
+
+@dataclass
+class ShapesPrompts:
+    """A model trained on the shapes task: its word tokenizer, its prompt, one answer word = one token (read from
+    the prefill's last logits, no decoding step)."""
+
+    tokenizer: WordTokenizer
+    image_tokens: int
+    image_size: int
+
+    def inputs(self, samples: list[Sample]) -> dict[str, Tensor]:
+        return encode(self.tokenizer, samples, self.image_tokens)
+
+    def answers(self, model: nn.Module, inputs: dict[str, Tensor], logits: Tensor) -> list[str]:
+        return [self.tokenizer.vocab[i] for i in logits[:, -1].argmax(-1).tolist()]
+
+
+@dataclass
+class ChatPrompts:
+    """A pretrained chat MLLM from the hub (or a local copy): its processor and chat template, the question plus
+    an instruction to answer with one word, greedy decoding of a few tokens after the prefill."""
+
+    processor: object
+    image_size: int = CHAT_IMAGE_SIZE
+    max_new_tokens: int = 5
+
+    def inputs(self, samples: list[Sample]) -> dict[str, Tensor]:
+        from PIL import Image
+
+        texts, images = [], []
+        for sample in samples:
+            question = sample.question.replace(" ?", "?").replace("letter-", "letter ")
+            content = [{"type": "image"}, {"type": "text", "text": f"{question} {CHAT_INSTRUCTION}"}]
+            conversation = [{"role": "user", "content": content}]
+            texts.append(self.processor.apply_chat_template(conversation, add_generation_prompt=True))
+            pixels = (sample.image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            images.append(Image.fromarray(pixels))
+        self.processor.tokenizer.padding_side = "left"
+        return dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
+
+    def answers(self, model: nn.Module, inputs: dict[str, Tensor], logits: Tensor) -> list[str]:
+        generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = generated[:, inputs["input_ids"].shape[1] :]
+        return self.processor.batch_decode(new, skip_special_tokens=True)
+
+
+def is_correct(predicted: str, expected: str) -> bool:
+    """The first word of the prediction, lower-cased without punctuation, against the one-word answer (a
+    "letter-x" answer also accepts "x"; "grey" counts as "gray")."""
+    words = re.sub(r"[^a-z0-9\- ]", " ", predicted.lower().replace("grey", "gray")).split()
+    if not words:
+        return False
+    first = words[0]
+    if first == "letter" and len(words) > 1:
+        first = f"letter-{words[1]}"
+    accepted = {expected, expected.removeprefix("letter-")}
+    return first in accepted
 
 
 @dataclass(frozen=True)
@@ -71,17 +143,39 @@ class Result:
         return sum(self.visual_tokens) / max(len(self.visual_tokens), 1)
 
 
-def load_shapes_model(path: str | Path | None = None) -> tuple[nn.Module, WordTokenizer]:
-    """The shipped tiny LLaVA trained on the shapes task (or one saved at `path`), in fp32, eval mode."""
+def load_shapes_model(path: str | Path | None = None) -> tuple[nn.Module, ShapesPrompts]:
+    """The shipped tiny LLaVA trained on the shapes task (or one saved at `path` by benchmarks/train_shapes.py),
+    in fp32, eval mode, with its prompts."""
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(path or ASSETS, dtype=torch.float32)
-    return model.eval(), WordTokenizer()
-
-
-def image_tokens(model: nn.Module) -> int:
+    model = LlavaForConditionalGeneration.from_pretrained(path or ASSETS, dtype=torch.float32).eval()
     vision = model.config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
+    image_tokens = (vision.image_size // vision.patch_size) ** 2
+    return model, ShapesPrompts(WordTokenizer(), image_tokens, vision.image_size)
+
+
+def load_model(
+    name: str | Path | None = None, device: str = "cpu", dtype: str = "auto"
+) -> tuple[nn.Module, Prompts]:
+    """The model the demo and the ablations evaluate: None = the shipped shapes model; a directory written by
+    benchmarks/train_shapes.py (it holds training.json); else a Hugging Face model id or local copy of a chat
+    MLLM (AutoModelForImageTextToText + AutoProcessor)."""
+    if name is None or (Path(name) / "training.json").is_file():
+        model, prompts = load_shapes_model(name)
+        return model.to(device), prompts
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name)
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device).eval()
+    return model, ChatPrompts(processor)
+
+
+def visual_tokens(model: nn.Module, inputs: dict[str, Tensor]) -> int:
+    """Image placeholder tokens per prompt (the most in the batch): the visual tokens the decoder receives."""
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is None:
+        image_token = model.config.image_token_index
+    return int((inputs["input_ids"] == image_token).sum(1).max())
 
 
 def held_out_samples(count: int, image_size: int, seed: int = TEST_SEED) -> list[Sample]:
@@ -90,17 +184,29 @@ def held_out_samples(count: int, image_size: int, seed: int = TEST_SEED) -> list
 
 
 @torch.no_grad()
-def run_batch(model: nn.Module, tokenizer: WordTokenizer, samples: list[Sample], result: Result) -> None:
-    """One prefill over `samples`: answers, time, and (when compressed) the engine's FLOPs and KV bytes."""
-    inputs = encode(tokenizer, samples, image_tokens(model))
-    started = time.perf_counter()
-    out = model(**inputs, use_cache=True, logits_to_keep=1)
-    result.seconds += time.perf_counter() - started
-    predicted = out.logits[:, -1].argmax(-1).tolist()
-    for sample, token in zip(samples, predicted, strict=True):
+def run_batch(model: nn.Module, prompts: Prompts, samples: list[Sample], result: Result) -> None:
+    """One timed prefill over `samples`, (when compressed) the engine's FLOPs and KV bytes of that prefill, then
+    the answers."""
+    inputs, logits = prefill(model, prompts, samples, result)
+    for sample, predicted in zip(samples, prompts.answers(model, inputs, logits), strict=True):
         result.total[sample.qtype] = result.total.get(sample.qtype, 0) + 1
-        hit = tokenizer.encode(sample.answer)[0] == token
-        result.right[sample.qtype] = result.right.get(sample.qtype, 0) + int(hit)
+        result.right[sample.qtype] = result.right.get(sample.qtype, 0) + int(
+            is_correct(predicted, sample.answer)
+        )
+
+
+@torch.no_grad()
+def prefill(
+    model: nn.Module, prompts: Prompts, samples: list[Sample], result: Result
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The timed prefill alone (adds its seconds, FLOPs, KV bytes and visual tokens to `result`): its inputs and
+    last logits."""
+    inputs = {k: v.to(model.device) for k, v in prompts.inputs(samples).items()}
+    _synchronize(model.device)
+    started = time.perf_counter()
+    logits = model(**inputs, use_cache=True, logits_to_keep=1).logits
+    _synchronize(model.device)
+    result.seconds += time.perf_counter() - started
     if getattr(model, api.ATTRIBUTE, None) is not None:
         stats = api.stats(model)
         result.flops += stats.prefill.total_flops
@@ -108,21 +214,25 @@ def run_batch(model: nn.Module, tokenizer: WordTokenizer, samples: list[Sample],
         result.kv_bytes += stats.kv_cache_bytes
         result.kv_bytes_uncompressed += stats.kv_cache_bytes_uncompressed
         result.visual_tokens.extend(stats.prefill.average_visual_tokens())
+    return inputs, logits
 
 
-def flops_ratio(
-    model: nn.Module, tokenizer: WordTokenizer, compressor: Compressor, probe: list[Sample]
-) -> float:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_ratio(model: nn.Module, prompts: Prompts, compressor: Compressor, probe: list[Sample]) -> float:
     """Analytic prefill FLOPs of `compressor` on the probe batch, as a share of the uncompressed model's."""
     result = Result("probe", "")
     with api.compressed(model, compressor):
-        run_batch(model, tokenizer, probe, result)
+        prefill(model, prompts, probe, result)
     return result.flops_ratio
 
 
 def match_budget(
     model: nn.Module,
-    tokenizer: WordTokenizer,
+    prompts: Prompts,
     method: Method,
     target: float,
     probe: list[Sample],
@@ -131,10 +241,10 @@ def match_budget(
     """The knob value whose FLOPs ratio on the probe batch is closest to `target` (bisection; a larger value
     keeps more), and that ratio."""
     low, high = method.low, method.high
-    best = (high, flops_ratio(model, tokenizer, method.make(high), probe))
+    best = (high, flops_ratio(model, prompts, method.make(high), probe))
     for _ in range(steps):
         middle = (low + high) / 2
-        ratio = flops_ratio(model, tokenizer, method.make(middle), probe)
+        ratio = flops_ratio(model, prompts, method.make(middle), probe)
         if abs(ratio - target) < abs(best[1] - target):
             best = (middle, ratio)
         low, high = (middle, high) if ratio < target else (low, middle)
@@ -143,7 +253,7 @@ def match_budget(
 
 def evaluate(
     model: nn.Module,
-    tokenizer: WordTokenizer,
+    prompts: Prompts,
     settings: Sequence[tuple[str, str, Compressor | None]],
     samples: list[Sample],
     batch_size: int,
@@ -155,10 +265,10 @@ def evaluate(
     for batch in progress(batches) if progress else batches:
         for (_, _, compressor), result in zip(settings, results, strict=True):
             if compressor is None:
-                run_batch(model, tokenizer, batch, result)
+                run_batch(model, prompts, batch, result)
                 continue
             with api.compressed(model, compressor):
-                run_batch(model, tokenizer, batch, result)
+                run_batch(model, prompts, batch, result)
     return results
 
 

@@ -10,7 +10,7 @@ pure function of (seed, index), so splits are reproducible without files.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 QUESTION_TYPES = ("background", "count", "colour", "shape", "letter", "left_of")
 GLOBAL_TYPES = ("background", "count")
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+# Qwen2-VL's placeholders, appended after the word vocabulary by QwenWordTokenizer only (the LLaVA ids stay put)
+QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<x>")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,14 @@ class ShapesTask:
         qtype = rng.choice(possible)
         question, answer = self._ask(rng, qtype, background, cells)
         return Sample(self.draw(background, cells, rng), question, answer, qtype, background, tuple(cells))
+
+    def reask(self, sample: Sample, rng: random.Random) -> Sample:
+        """The same image with another question (of a type this task asks and the image can answer): training
+        asks several questions per image to share the cost of encoding it."""
+        possible = [q for q in self.question_types if _answerable(q, list(sample.cells))]
+        qtype = rng.choice(possible)
+        question, answer = self._ask(rng, qtype, sample.background, list(sample.cells))
+        return replace(sample, question=question, answer=answer, qtype=qtype)
 
     @staticmethod
     def _cells(rng: random.Random) -> list[Item | None]:
@@ -222,6 +232,7 @@ class WordTokenizer:
         self.pad_token_id, self.unk_token_id = self.index["<pad>"], self.index["<unk>"]
         self.bos_token_id, self.eos_token_id = self.index["<s>"], self.index["</s>"]
         self.image_token_id = self.index["<image>"]
+        self.special = set(SPECIAL)
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -232,8 +243,23 @@ class WordTokenizer:
     def decode(self, ids: list[int] | Tensor, skip_special: bool = True) -> str:
         words = [self.vocab[int(i)] for i in ids]
         if skip_special:
-            words = [w for w in words if w not in SPECIAL]
+            words = [w for w in words if w not in self.special]
         return " ".join(words)
+
+
+class QwenWordTokenizer(WordTokenizer):
+    """The word tokenizer plus Qwen2-VL's vision placeholders (QWEN_SPECIAL), appended at the end: every id of
+    WordTokenizer keeps its value. `image_token_id` is `<|image_pad|>`; `<image>` stays in the vocabulary unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vocab += list(QWEN_SPECIAL)
+        self.index = {word: i for i, word in enumerate(self.vocab)}
+        self.vision_start_token_id = self.index["<|vision_start|>"]
+        self.vision_end_token_id = self.index["<|vision_end|>"]
+        self.image_token_id = self.index["<|image_pad|>"]
+        self.video_token_id = self.index["<|video_pad|>"]
+        self.special |= set(QWEN_SPECIAL)
 
 
 # -- the model's inputs ---------------------------------------------------------------------------------------
@@ -247,16 +273,105 @@ def encode(
     samples: list[Sample],
     image_tokens: int,
     with_answers: bool = False,
+    followups: list[list[Sample]] | None = None,
 ) -> dict[str, Tensor]:
     """A left-padded batch for a LLaVA-style model: input_ids, attention_mask, pixel_values, and with answers
-    appended (answer word, then </s>) labels that supervise the answer only."""
+    appended (answer word, then </s>) labels that supervise the answers only. `followups[i]` (training only):
+    more questions on sample i's image, each appended after the previous answer as another
+    `question : ... answer : ... </s>` turn."""
+    image = [tokenizer.image_token_id] * image_tokens
+    batch = _text_batch(tokenizer, samples, image, with_answers, followups)
+    batch.pop("image_mask")
+    labels = batch.pop("labels")
+    batch["pixel_values"] = torch.stack([s.image for s in samples])
+    if with_answers:
+        batch["labels"] = labels
+    return batch
+
+
+def encode_qwen2_vl(
+    tokenizer: QwenWordTokenizer,
+    samples: list[Sample],
+    with_answers: bool = False,
+    followups: list[list[Sample]] | None = None,
+    patch_size: int = 4,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+) -> dict[str, Tensor]:
+    """`encode` for a Qwen2-VL: `<s> <|vision_start|> <|image_pad|> x N <|vision_end|> question : ... answer :`
+    with N = (side / patch_size / merge_size)^2 merged tokens, plus mm_token_type_ids (1 at the image pads, for
+    M-RoPE) and the images as Qwen2VLImageProcessor lays them out without resizing or normalising (the pixels
+    in [0, 1], as `encode` passes them): pixel_values (images x patches, 3 * temporal * patch^2) and
+    image_grid_thw (1, side / patch_size, side / patch_size) per image. See `qwen2_vl_patches`."""
+    pixel_values, grid = qwen2_vl_patches(
+        torch.stack([s.image for s in samples]), patch_size, merge_size, temporal_patch_size
+    )
+    image_tokens = int(grid[0, 1] * grid[0, 2]) // merge_size**2
+    image = [tokenizer.vision_start_token_id, *[tokenizer.image_token_id] * image_tokens]
+    image.append(tokenizer.vision_end_token_id)
+    batch = _text_batch(tokenizer, samples, image, with_answers, followups)
+    batch["mm_token_type_ids"] = batch.pop("image_mask")
+    labels = batch.pop("labels")
+    batch["pixel_values"], batch["image_grid_thw"] = pixel_values, grid
+    if with_answers:
+        batch["labels"] = labels
+    return batch
+
+
+def qwen2_vl_patches(
+    images: Tensor, patch_size: int = 4, merge_size: int = 2, temporal_patch_size: int = 2
+) -> tuple[Tensor, Tensor]:
+    """(B, 3, H, W) images -> Qwen2-VL's pixel_values (B * H/p * W/p, 3 * temporal * p * p) and image_grid_thw
+    (B, 3), the layout of Qwen2VLImageProcessor.patchify: patches grouped by merge window (the merge windows in
+    raster order, then the merge x merge patches of each window in raster order), each patch flattened as
+    (channel, frame, y, x) with the still image repeated over the temporal_patch_size frames. The visual
+    merger joins each run of merge^2 patches, so merged token k is the window at row k // (W/p/merge), column
+    k % (W/p/merge): raster order on the merged grid."""
+    count, channels, height, width = images.shape
+    if height % (patch_size * merge_size) or width % (patch_size * merge_size):
+        raise ValueError(
+            f"image {height} x {width} is not a multiple of patch_size * merge_size = {patch_size * merge_size}"
+        )
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patches = images.reshape(
+        count,
+        channels,
+        grid_h // merge_size,
+        merge_size,
+        patch_size,
+        grid_w // merge_size,
+        merge_size,
+        patch_size,
+    )
+    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7)  # B, windows h, windows w, merge, merge, C, p, p
+    patches = patches.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, temporal_patch_size, -1, -1)
+    pixel_values = patches.reshape(count * grid_h * grid_w, channels * temporal_patch_size * patch_size**2)
+    grid = torch.tensor([[1, grid_h, grid_w]] * count, dtype=torch.long)
+    return pixel_values, grid
+
+
+def _text_batch(
+    tokenizer: WordTokenizer,
+    samples: list[Sample],
+    image: list[int],
+    with_answers: bool,
+    followups: list[list[Sample]] | None,
+) -> dict[str, Tensor]:
+    """The left-padded token rows `<s> image question : ... answer : [answer </s>] [more turns]`: input_ids,
+    attention_mask, labels (the answers only), image_mask (1 at the image tokens of `image`)."""
+    if followups is not None and (not with_answers or len(followups) != len(samples)):
+        raise ValueError("followups need with_answers=True and one list per sample")
     rows, labels = [], []
-    for sample in samples:
-        prompt = [tokenizer.bos_token_id, *[tokenizer.image_token_id] * image_tokens]
-        prompt += tokenizer.encode(prompt_words(sample.question))
-        answer = tokenizer.encode(sample.answer) + [tokenizer.eos_token_id] if with_answers else []
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+    for i, sample in enumerate(samples):
+        row = [tokenizer.bos_token_id, *image]
+        label = [-100] * len(row)
+        for turn in [sample, *(followups[i] if followups else [])]:
+            prompt = tokenizer.encode(prompt_words(turn.question))
+            answer = tokenizer.encode(turn.answer) + [tokenizer.eos_token_id] if with_answers else []
+            row += prompt + answer
+            label += [-100] * len(prompt) + answer
+        rows.append(row)
+        labels.append(label)
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -265,14 +380,8 @@ def encode(
         input_ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
         target[i, width - len(row) :] = torch.tensor(label)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "pixel_values": torch.stack([s.image for s in samples]),
-    }
-    if with_answers:
-        batch["labels"] = target
-    return batch
+    image_mask = (input_ids == tokenizer.image_token_id).long()
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": target, "image_mask": image_mask}
 
 
 def cell_targets(samples: list[Sample], side: int) -> tuple[Tensor, Tensor]:
