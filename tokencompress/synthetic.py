@@ -49,7 +49,7 @@ QUESTION_TYPES = ("background", "count", "colour", "shape", "letter", "left_of")
 GLOBAL_TYPES = ("background", "count")
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 # Qwen2-VL's placeholders, appended after the word vocabulary by QwenWordTokenizer only (the LLaVA ids stay put)
-QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<x>")
+QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
 @dataclass(frozen=True)
@@ -398,3 +398,18 @@ def cell_targets(samples: list[Sample], side: int) -> tuple[Tensor, Tensor]:
                 colour[b, place] = 1 + colours.index(item.colour)
                 kind[b, place] = 1 + objects.index(item.name)
     return colour[:, cell], kind[:, cell]
+
+
+def answer_cell(sample: Sample) -> int | None:
+    """The cell (0..8, row-major) whose content answers the question: the named cell, or for "what is left of
+    the <colour> <object>" the cell left of that object; None for the global questions."""
+    if sample.qtype in ("colour", "shape", "letter"):
+        place = sample.question.split(" in the ", 1)[1].removesuffix(" cell ?")
+        return PLACES.index(place)
+    if sample.qtype == "left_of":
+        colour, noun = sample.question.removeprefix("what is left of the ").removesuffix(" ?").split(" ")
+        (right,) = [
+            i for i, c in enumerate(sample.cells) if c is not None and (c.colour, _noun(c)) == (colour, noun)
+        ]
+        return right - 1
+    return None
