@@ -204,6 +204,79 @@ def evaluate(model, tokenizer, task: ShapesTask, count: int, batch: int = 100) -
     return scores
 
 
+def distinct_followups(task: ShapesTask, sample, rng: random.Random, count: int) -> list:
+    """Up to `count` more questions on the sample's image, none repeating an earlier one (a repeated question
+    would be answered by copying the earlier answer, which teaches nothing)."""
+    seen, more = {sample.question}, []
+    for _ in range(10 * count):
+        if len(more) == count:
+            break
+        other = task.reask(sample, rng)
+        if other.question not in seen:
+            seen.add(other.question)
+            more.append(other)
+    return more
+
+
+def image_token_id(model) -> int:
+    return model.config.image_token_id
+
+
+class AnswerCellAttention:
+    """Supervision of one attention head (`--attend-layer L --attend-head H`): at every turn whose answer lies in
+    one cell, the attention of the position that predicts the answer, in that head, should fall on that cell's
+    image tokens (loss: -log of its attention mass there). The head's attention is recomputed from the layer's
+    input (q/k projections, rotary, causal and padding mask), since sdpa returns no weights."""
+
+    def __init__(self, model, layer: int, head: int) -> None:
+        self.attention = model.model.language_model.layers[layer].self_attn
+        self.head = head
+        self.captured: dict = {}
+        self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module, args, kwargs) -> None:
+        self.captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        self.captured["rotary"] = kwargs["position_embeddings"]
+
+    def loss(self, inputs: dict, turns: list[list], image_token: int) -> torch.Tensor:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from tokencompress.synthetic import answer_cell
+
+        attention, hidden = self.attention, self.captured["hidden"]
+        batch, length, _ = hidden.shape
+        head_dim = attention.head_dim
+        kv_head = self.head // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
+        q = attention.q_proj(hidden).view(batch, length, -1, head_dim)[:, :, self.head]
+        k = attention.k_proj(hidden).view(batch, length, -1, head_dim)[:, :, kv_head]
+        cos, sin = self.captured["rotary"]
+        q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
+        q, k = q[:, 0], k[:, 0]
+        labels = inputs["labels"]
+        answer_starts = (labels != -100) & (labels.roll(1, dims=1) == -100)
+        rows, queries, targets = [], [], []
+        for b in range(batch):
+            image = torch.nonzero(inputs["input_ids"][b] == image_token).flatten()
+            starts = torch.nonzero(answer_starts[b]).flatten().tolist()
+            for start, sample in zip(starts, turns[b], strict=True):
+                cell = answer_cell(sample)
+                if cell is None:
+                    continue
+                target = torch.zeros(length, dtype=torch.bool)
+                target[image[cell == CELL_OF_TOKEN]] = True
+                rows.append(b)
+                queries.append(start - 1)
+                targets.append(target)
+        if not rows:
+            return hidden.new_zeros(())
+        rows_t, queries_t = torch.tensor(rows), torch.tensor(queries)
+        scores = torch.einsum("qd,qld->ql", q[rows_t, queries_t], k[rows_t]) * attention.scaling
+        allowed = inputs["attention_mask"][rows_t].bool() & (torch.arange(length) <= queries_t[:, None])
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        mass = (weights * torch.stack(targets)).sum(-1)
+        return -(mass + 1e-6).log().mean()
+
+
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.out is None:
@@ -215,6 +288,13 @@ def train(args: argparse.Namespace) -> None:
         tokenizer = WordTokenizer()
         model = build_model(tokenizer, args.seed)
     heads = CellHeads(model.config.text_config.hidden_size)
+    supervised = None
+    if args.attend_layer is not None:
+        if args.arch != "llava":
+            raise ValueError(
+                "--attend-layer supports --arch llava only (Qwen2-VL's M-RoPE is not recomputed)"
+            )
+        supervised = AnswerCellAttention(model, args.attend_layer, args.attend_head)
     features = {}
     image_token_features(model, features)
     parameters = list(model.parameters()) + list(heads.parameters())
@@ -227,11 +307,14 @@ def train(args: argparse.Namespace) -> None:
         indices = range(step * args.batch, (step + 1) * args.batch)
         samples = [task.sample(i) for i in indices]
         followups = [
-            [task.reask(s, random.Random(i)) for _ in range(args.questions - 1)]
+            distinct_followups(task, s, random.Random(i), args.questions - 1)
             for i, s in zip(indices, samples, strict=True)
         ]
         inputs = model_inputs(model, tokenizer, samples, with_answers=True, followups=followups)
         out = model(**inputs)
+        if supervised is not None:
+            turns = [[s, *more] for s, more in zip(samples, followups, strict=True)]
+            attend = supervised.loss(inputs, turns, image_token_id(model))
         colour, kind = cell_targets(samples, SIDE)
         image = features["image"].reshape(len(samples), SIDE * SIDE, -1)
         aux = F.cross_entropy(heads.colour(image).flatten(0, 1), colour.flatten()) + F.cross_entropy(
@@ -240,6 +323,8 @@ def train(args: argparse.Namespace) -> None:
         if args.where:
             aux = aux + F.cross_entropy(heads.cell(image).flatten(0, 1), CELL_OF_TOKEN.repeat(len(samples)))
         loss = out.loss + args.aux_weight * aux
+        if supervised is not None:
+            loss = loss + args.attend_weight * attend
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -250,6 +335,7 @@ def train(args: argparse.Namespace) -> None:
                 "step": step,
                 "answer_loss": out.loss.item(),
                 "aux_loss": aux.item(),
+                **({"attend_loss": attend.item()} if supervised is not None else {}),
                 "minutes": (time.time() - started) / 60,
             }
             if step % args.eval_every == 0 or step == args.steps - 1:
@@ -281,6 +367,14 @@ def main() -> None:
     parser.add_argument(
         "--questions", type=int, default=1, help="questions per training image (one sequence, several turns)"
     )
+    parser.add_argument(
+        "--attend-layer",
+        type=int,
+        default=None,
+        help="supervise one head of this decoder layer to the answer cell",
+    )
+    parser.add_argument("--attend-head", type=int, default=0)
+    parser.add_argument("--attend-weight", type=float, default=1.0)
     parser.add_argument("--where", action="store_true", help="also predict each image token's cell")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
