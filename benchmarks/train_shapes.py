@@ -287,6 +287,8 @@ def train(args: argparse.Namespace) -> None:
     else:
         tokenizer = WordTokenizer()
         model = build_model(tokenizer, args.seed)
+        if args.init_from:  # continue training saved weights (fp16 on disk, trained in fp32)
+            model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
     heads = CellHeads(model.config.text_config.hidden_size)
     supervised = None
     if args.attend_layer is not None:
@@ -304,7 +306,8 @@ def train(args: argparse.Namespace) -> None:
     started, log = time.time(), []
     model.train()
     for step in range(args.steps):
-        indices = range(step * args.batch, (step + 1) * args.batch)
+        first = args.data_offset + step * args.batch
+        indices = range(first, first + args.batch)
         samples = [task.sample(i) for i in indices]
         followups = [
             distinct_followups(task, s, random.Random(i), args.questions - 1)
@@ -364,6 +367,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--aux-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", default=None, help="a saved LLaVA to continue training (new heads)")
+    parser.add_argument(
+        "--data-offset",
+        type=int,
+        default=0,
+        help="first training image index (a continuation sees new images)",
+    )
     parser.add_argument(
         "--questions", type=int, default=1, help="questions per training image (one sequence, several turns)"
     )
