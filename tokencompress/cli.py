@@ -1,4 +1,5 @@
-"""The `tokencompress` command line. `demo`: every compressor on the shipped shapes model at matched budgets."""
+"""The `tokencompress` command line. `demo`: every compressor on the shipped shapes model at matched budgets.
+`ablate CONFIG`: a grid over compressors x settings from a YAML or JSON config (docs/ablations.md)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,17 @@ def demo(args: argparse.Namespace) -> None:
         Path(args.markdown).write_text(table + "\n")
 
 
+def ablate(args: argparse.Namespace) -> None:
+    from . import ablation
+
+    try:
+        ablation.run(args.config, out=args.out, fresh=args.fresh, dry_run=args.dry_run)
+    except ablation.ConfigError as error:
+        raise SystemExit(f"tokencompress ablate: {error}") from error
+    except KeyboardInterrupt:  # the rows done are saved; the run has said how to go on
+        raise SystemExit(130) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokencompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,11 +103,26 @@ def main(argv: list[str] | None = None) -> None:
     run_demo.add_argument("--dtype", default="auto", help="for hub models: auto, float16, bfloat16, float32")
     run_demo.add_argument("--samples", type=int, default=600)
     run_demo.add_argument("--batch", type=int, default=50)
-    run_demo.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35])
+    run_demo.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.55, 0.45])
     run_demo.add_argument("--plot", default="tokencompress_demo.png")
     run_demo.add_argument("--markdown", default=None, help="also write the table to this file")
     run_demo.add_argument("--threads", type=int, default=torch.get_num_threads())
     run_demo.set_defaults(run=demo)
+    run_ablate = commands.add_parser(
+        "ablate",
+        help="a grid over compressors x settings from a YAML/JSON config, resumable (docs/ablations.md)",
+    )
+    run_ablate.add_argument(
+        "config", help="the config: .yaml/.yml or .json (e.g. benchmarks/ablations/shapes.yaml)"
+    )
+    run_ablate.add_argument(
+        "--out", default=None, help="results directory (default: ablations/<config name>)"
+    )
+    run_ablate.add_argument("--fresh", action="store_true", help="discard the results already in --out")
+    run_ablate.add_argument(
+        "--dry-run", action="store_true", help="validate the config and list its settings; load no model"
+    )
+    run_ablate.set_defaults(run=ablate)
     args = parser.parse_args(argv)
     args.run(args)
 
