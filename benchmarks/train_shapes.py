@@ -228,9 +228,12 @@ class AnswerCellAttention:
     image tokens (loss: -log of its attention mass there). The head's attention is recomputed from the layer's
     input (q/k projections, rotary, causal and padding mask), since sdpa returns no weights."""
 
-    def __init__(self, model, layer: int, head: int) -> None:
+    def __init__(self, model, layer: int, head: int, target=None) -> None:
+        from tokencompress.synthetic import answer_cell
+
         self.attention = model.model.language_model.layers[layer].self_attn
         self.head = head
+        self.target = target or answer_cell
         self.captured: dict = {}
         self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
 
@@ -240,8 +243,6 @@ class AnswerCellAttention:
 
     def loss(self, inputs: dict, turns: list[list], image_token: int) -> torch.Tensor:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        from tokencompress.synthetic import answer_cell
 
         attention, hidden = self.attention, self.captured["hidden"]
         batch, length, _ = hidden.shape
@@ -259,7 +260,7 @@ class AnswerCellAttention:
             image = torch.nonzero(inputs["input_ids"][b] == image_token).flatten()
             starts = torch.nonzero(answer_starts[b]).flatten().tolist()
             for start, sample in zip(starts, turns[b], strict=True):
-                cell = answer_cell(sample)
+                cell = self.target(sample)
                 if cell is None:
                     continue
                 target = torch.zeros(length, dtype=torch.bool)
@@ -275,6 +276,13 @@ class AnswerCellAttention:
         weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         mass = (weights * torch.stack(targets)).sum(-1)
         return -(mass + 1e-6).log().mean()
+
+
+def named_object_cell(sample) -> int | None:
+    """For "what is left of the <colour> <object>": the cell of the named object (the first hop)."""
+    from tokencompress.synthetic import answer_cell
+
+    return answer_cell(sample) + 1 if sample.qtype == "left_of" else None
 
 
 def train(args: argparse.Namespace) -> None:
@@ -297,6 +305,9 @@ def train(args: argparse.Namespace) -> None:
                 "--attend-layer supports --arch llava only (Qwen2-VL's M-RoPE is not recomputed)"
             )
         supervised = AnswerCellAttention(model, args.attend_layer, args.attend_head)
+    first_hop = None
+    if args.attend_object_layer is not None:
+        first_hop = AnswerCellAttention(model, args.attend_object_layer, args.attend_head, named_object_cell)
     features = {}
     image_token_features(model, features)
     parameters = list(model.parameters()) + list(heads.parameters())
@@ -318,6 +329,8 @@ def train(args: argparse.Namespace) -> None:
         if supervised is not None:
             turns = [[s, *more] for s, more in zip(samples, followups, strict=True)]
             attend = supervised.loss(inputs, turns, image_token_id(model))
+            if first_hop is not None:
+                attend = attend + first_hop.loss(inputs, turns, image_token_id(model))
         colour, kind = cell_targets(samples, SIDE)
         image = features["image"].reshape(len(samples), SIDE * SIDE, -1)
         aux = F.cross_entropy(heads.colour(image).flatten(0, 1), colour.flatten()) + F.cross_entropy(
@@ -384,6 +397,12 @@ def main() -> None:
         help="supervise one head of this decoder layer to the answer cell",
     )
     parser.add_argument("--attend-head", type=int, default=0)
+    parser.add_argument(
+        "--attend-object-layer",
+        type=int,
+        default=None,
+        help="also supervise that head of this layer toward the object a left_of question names (first hop)",
+    )
     parser.add_argument("--attend-weight", type=float, default=1.0)
     parser.add_argument("--where", action="store_true", help="also predict each image token's cell")
     parser.add_argument("--threads", type=int, default=2)
