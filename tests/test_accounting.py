@@ -110,6 +110,22 @@ def test_prefill_and_decode_flops_match_counter(model, keep, batch):
         assert prefill < 0.95 * _measure(lambda: model(**inputs, use_cache=True))[0]
 
 
+def test_text_appended_to_a_cache_leaves_the_prefill_stats(model):
+    """Several text tokens on an existing cache (a continuation scored on the compressed prompt's cache, as
+    lmms-eval's loglikelihood does) are an "extend" step: the prefill's stats stay those of the prompt."""
+    inputs = tiny_llava_inputs(model, *BATCHES["padded"])
+    with tc.compressed(model, tc.FastV(layer=2, keep=0.5)):
+        out = model(**inputs, use_cache=True)
+        prefill = tc.stats(model).prefill
+        more = torch.full((out.logits.shape[0], 3), 7)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(more)], dim=1)
+        model(input_ids=more, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        stats = tc.stats(model)
+    assert stats.prefill is prefill and stats.prefill.length == inputs["input_ids"].shape[1]
+    assert stats.last.kind == "extend" and stats.last.length == 3
+    assert stats.last.past == inputs["input_ids"].shape[1]
+
+
 def test_pipeline_flops_match_counter(model):
     inputs = tiny_llava_inputs(model, *BATCHES["padded"])
     with tc.compressed(model, [tc.FastV(layer=1, keep=0.5), tc.RandomDrop(layer=3, keep=0.5, seed=1)]):

@@ -73,7 +73,9 @@ class LayerStats:
 
 @dataclass
 class ForwardStats:
-    """One forward: prefill (it held visual tokens or several new tokens) or a decode step."""
+    """One forward: "prefill" (visual tokens, or several new tokens on an empty cache), "extend" (several text
+    tokens appended to a cache: a continuation scored on a prompt's cache, a text-only next turn; it leaves
+    `Stats.prefill` alone), or "decode" (one new token)."""
 
     kind: str
     batch: int

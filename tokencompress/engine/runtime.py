@@ -599,6 +599,8 @@ class Engine:
             book.logical_length += fwd.length
             self.last_book = book
         fwd.stats.past = fwd.past
+        if fwd.past and fwd.tokens is None and fwd.length > 1:  # text appended to a conversation
+            fwd.stats.kind = "extend"
         total = fwd.past + fwd.length
         if fwd.padding_mask is None:
             fwd.key_ok = torch.ones(fwd.batch, total, dtype=torch.bool, device=fwd.device)
