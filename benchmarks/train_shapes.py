@@ -66,17 +66,9 @@ DEFAULT_OUT = {
 }
 
 
-def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-    )
-    text = LlamaConfig(
+def decoder_size(tokenizer: WordTokenizer) -> dict:
+    """The decoder both architectures share: 8 layers of width 192, 4 heads of 48, MLP 512, untied embeddings."""
+    return dict(
         hidden_size=192,
         intermediate_size=512,
         num_hidden_layers=8,
@@ -89,6 +81,19 @@ def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalG
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+
+
+def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+    )
+    text = LlamaConfig(**decoder_size(tokenizer))
     config = LlavaConfig(
         text_config=text,
         vision_config=vision,
@@ -107,18 +112,8 @@ def build_qwen2_vl(tokenizer: QwenWordTokenizer, seed: int = 0) -> Qwen2VLForCon
     (depth 4, width 128, 4 heads) whose merger maps 2 x 2 patches to one decoder token."""
     torch.manual_seed(seed)
     text = dict(
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
+        **decoder_size(tokenizer),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 9, 9]},
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
     )
     vision = dict(
         depth=4,
