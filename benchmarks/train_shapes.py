@@ -57,6 +57,7 @@ TRAIN_SEED, TEST_SEED = 0, 1
 CELL_OF_TOKEN = (
     torch.arange(SIDE)[:, None] // (SIDE // 3) * 3 + torch.arange(SIDE)[None, :] // (SIDE // 3)
 ).flatten()
+FIRST_TOKEN_OF_CELL = torch.stack([torch.nonzero(cell == CELL_OF_TOKEN)[0, 0] for cell in range(9)])
 # Qwen2-VL: 4 px patches, 2 x 2 merge -> 24 x 24 patches, 12 x 12 = SIDE x SIDE merged tokens in raster order
 QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2
 ARCHES = ("llava", "qwen2_vl")
@@ -76,6 +77,7 @@ def decoder_size(tokenizer: WordTokenizer) -> dict:
         num_key_value_heads=4,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
+        rms_norm_eps=1e-6,  # LLaMA's default; Qwen2's is 1e-5
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -171,14 +173,24 @@ def image_token_features(model, features: dict) -> nn.Module:
 
 
 class CellHeads(nn.Module):
-    """Auxiliary heads: each image token predicts its cell's colour and object, and (with `--where`) which of the
-    nine cells it lies in, so a question's "top left" can find its tokens."""
+    """Auxiliary heads: each image token predicts its cell's colour and object, (with `--where`) which of the
+    nine cells it lies in, so a question's "top left" can find its tokens, and (with `--left-neighbour`) the
+    object of the cell on its left, so "what is left of the red circle" can be read at the red circle."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.colour = nn.Linear(hidden, 1 + len(COLOURS))
         self.object = nn.Linear(hidden, 1 + len(SHAPES) + len(LETTERS))
         self.cell = nn.Linear(hidden, 9)
+        self.left = nn.Linear(hidden, 1 + len(SHAPES) + len(LETTERS))
+
+
+def left_neighbour_objects(objects: torch.Tensor) -> torch.Tensor:
+    """Per-token object targets (images, SIDE * SIDE) -> the object of the cell left of each token's cell
+    (0 none), -100 (ignored) in the left column, which has no cell on its left."""
+    per_cell = objects[:, FIRST_TOKEN_OF_CELL]
+    left = per_cell[:, (CELL_OF_TOKEN - 1).clamp(min=0)]
+    return left.masked_fill(CELL_OF_TOKEN % 3 == 0, -100)
 
 
 @torch.no_grad()
@@ -236,7 +248,10 @@ class AnswerCellAttention:
         self.captured["hidden"] = args[0] if args else kwargs["hidden_states"]
         self.captured["rotary"] = kwargs["position_embeddings"]
 
-    def loss(self, inputs: dict, turns: list[list], image_token: int) -> torch.Tensor:
+    def weights(self, inputs: dict, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """(len(rows), length): the head's attention from position queries[i] of row rows[i], softmaxed over the
+        positions the model lets it see (causal, not padding). Rotary as the layer applies it: LLaMA's 1-D
+        positions, or Qwen2-VL's M-RoPE, which transformers folds into the same (cos, sin) pair."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attention, hidden = self.attention, self.captured["hidden"]
@@ -248,7 +263,13 @@ class AnswerCellAttention:
         cos, sin = self.captured["rotary"]
         q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
         q, k = q[:, 0], k[:, 0]
+        scores = torch.einsum("qd,qld->ql", q[rows, queries], k[rows]) * attention.scaling
+        allowed = inputs["attention_mask"][rows].bool() & (torch.arange(length) <= queries[:, None])
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+    def loss(self, inputs: dict, turns: list[list], image_token: int) -> torch.Tensor:
         labels = inputs["labels"]
+        batch, length = labels.shape
         answer_starts = (labels != -100) & (labels.roll(1, dims=1) == -100)
         rows, queries, targets = [], [], []
         for b in range(batch):
@@ -264,11 +285,8 @@ class AnswerCellAttention:
                 queries.append(start - 1)
                 targets.append(target)
         if not rows:
-            return hidden.new_zeros(())
-        rows_t, queries_t = torch.tensor(rows), torch.tensor(queries)
-        scores = torch.einsum("qd,qld->ql", q[rows_t, queries_t], k[rows_t]) * attention.scaling
-        allowed = inputs["attention_mask"][rows_t].bool() & (torch.arange(length) <= queries_t[:, None])
-        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            return self.captured["hidden"].new_zeros(())
+        weights = self.weights(inputs, torch.tensor(rows), torch.tensor(queries))
         mass = (weights * torch.stack(targets)).sum(-1)
         return -(mass + 1e-6).log().mean()
 
@@ -278,6 +296,29 @@ def named_object_cell(sample) -> int | None:
     from tokencompress.synthetic import answer_cell
 
     return answer_cell(sample) + 1 if sample.qtype == "left_of" else None
+
+
+def copy_decoder(model: nn.Module, source: LlavaForConditionalGeneration) -> int:
+    """Starts `model`'s decoder and LM head from a trained shapes LLaVA's (`--init-decoder-from`): same sizes and
+    parameter names (Qwen2 layers are LLaMA layers plus q/k/v biases, which keep their zero start); the word
+    embeddings and LM head rows of the shared vocabulary are copied (QwenWordTokenizer appends its placeholders
+    after it). The vision tower and merger still start from scratch. Returns the number of tensors copied."""
+    target = dict(model.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, value in source.named_parameters():
+            if not name.startswith(("model.language_model.", "lm_head.")):
+                continue
+            if name not in target:
+                raise ValueError(f"{name} of the source has no counterpart in {type(model).__name__}")
+            rows = value.shape[0]
+            if target[name].shape[1:] != value.shape[1:] or target[name].shape[0] < rows:
+                raise ValueError(
+                    f"{name}: source {tuple(value.shape)} does not fit {tuple(target[name].shape)}"
+                )
+            target[name][:rows].copy_(value.float())
+            copied += 1
+    return copied
 
 
 def train(args: argparse.Namespace) -> None:
@@ -290,25 +331,27 @@ def train(args: argparse.Namespace) -> None:
     else:
         tokenizer = WordTokenizer()
         model = build_model(tokenizer, args.seed)
-        if args.init_from:  # continue training saved weights (fp16 on disk, trained in fp32)
-            model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+    if args.init_from:  # continue training saved weights (fp16 on disk, trained in fp32)
+        model = type(model).from_pretrained(args.init_from, dtype=torch.float32)
+    elif args.init_decoder_from:
+        copied = copy_decoder(model, LlavaForConditionalGeneration.from_pretrained(args.init_decoder_from))
+        print(json.dumps({"decoder_tensors_copied": copied}), flush=True)
     heads = CellHeads(model.config.text_config.hidden_size)
     supervised = None
     if args.attend_layer is not None:
-        if args.arch != "llava":
-            raise ValueError(
-                "--attend-layer supports --arch llava only (Qwen2-VL's M-RoPE is not recomputed)"
-            )
         supervised = AnswerCellAttention(model, args.attend_layer, args.attend_head)
     first_hop = None
     if args.attend_object_layer is not None:
-        first_hop = AnswerCellAttention(model, args.attend_object_layer, args.attend_head, named_object_cell)
+        object_head = args.attend_head if args.attend_object_head is None else args.attend_object_head
+        first_hop = AnswerCellAttention(model, args.attend_object_layer, object_head, named_object_cell)
     features = {}
     image_token_features(model, features)
     parameters = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
-    task, test = ShapesTask(TRAIN_SEED, IMAGE_SIZE), ShapesTask(TEST_SEED, IMAGE_SIZE)
+    # a question type listed k times is drawn k times as often (ShapesTask draws uniformly from its list)
+    asked = QUESTION_TYPES + ("left_of",) * (args.left_of_weight - 1)
+    task, test = ShapesTask(TRAIN_SEED, IMAGE_SIZE, asked), ShapesTask(TEST_SEED, IMAGE_SIZE)
     started, log = time.time(), []
     model.train()
     for step in range(args.steps):
@@ -333,6 +376,9 @@ def train(args: argparse.Namespace) -> None:
         )
         if args.where:
             aux = aux + F.cross_entropy(heads.cell(image).flatten(0, 1), CELL_OF_TOKEN.repeat(len(samples)))
+        if args.left_neighbour:
+            left = left_neighbour_objects(kind)
+            aux = aux + F.cross_entropy(heads.left(image).flatten(0, 1), left.flatten(), ignore_index=-100)
         loss = out.loss + args.aux_weight * aux
         if supervised is not None:
             loss = loss + args.attend_weight * attend
@@ -375,7 +421,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--aux-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init-from", default=None, help="a saved LLaVA to continue training (new heads)")
+    parser.add_argument("--init-from", default=None, help="a saved model to continue training (new heads)")
+    parser.add_argument(
+        "--init-decoder-from",
+        default=None,
+        help="a saved shapes LLaVA whose decoder and LM head start this model's (e.g. --arch qwen2_vl)",
+    )
     parser.add_argument(
         "--data-offset",
         type=int,
@@ -398,8 +449,25 @@ def main() -> None:
         default=None,
         help="also supervise that head of this layer toward the object a left_of question names (first hop)",
     )
+    parser.add_argument(
+        "--attend-object-head",
+        type=int,
+        default=None,
+        help="the head of --attend-object-layer (default: --attend-head)",
+    )
     parser.add_argument("--attend-weight", type=float, default=1.0)
     parser.add_argument("--where", action="store_true", help="also predict each image token's cell")
+    parser.add_argument(
+        "--left-neighbour",
+        action="store_true",
+        help="also predict the object of the cell left of each image token's cell",
+    )
+    parser.add_argument(
+        "--left-of-weight",
+        type=int,
+        default=1,
+        help="draw left_of questions this many times as often in training (the held-out split stays uniform)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=500)

@@ -72,7 +72,9 @@ class Sample:
 
 
 class ShapesTask:
-    """`task.sample(i)` for i = 0, 1, ...: the seed picks the split (train and test use different seeds)."""
+    """`task.sample(i)` for i = 0, 1, ...: the seed picks the split (train and test use different seeds).
+    Question types are drawn uniformly from `question_types` among those the image can answer, so a type listed
+    twice is asked twice as often (training uses that to weight the hardest type)."""
 
     def __init__(self, seed: int = 0, image_size: int = 96, question_types: tuple[str, ...] = QUESTION_TYPES):
         if image_size % 3:

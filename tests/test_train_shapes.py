@@ -1,0 +1,105 @@
+"""The training script's parts that the shipped models' quality rests on, against independent references: the
+supervised head's attention as eager attention computes it (LLaMA rotary and Qwen2-VL's M-RoPE), the
+left-neighbour targets as read from the cells, and the decoder warm start as the source decoder's own logits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from benchmarks.train_shapes import (
+    AnswerCellAttention,
+    build_model,
+    build_qwen2_vl,
+    copy_decoder,
+    distinct_followups,
+    left_neighbour_objects,
+    model_inputs,
+)
+from tokencompress.synthetic import (
+    LETTERS,
+    SHAPES,
+    QwenWordTokenizer,
+    ShapesTask,
+    WordTokenizer,
+    cell_targets,
+)
+
+
+def _eager(model):
+    """Eager attention, so that output_attentions returns the weights the check compares with."""
+    model.config._attn_implementation = "eager"
+    model.config.text_config._attn_implementation = "eager"
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_supervised_head_weights_are_eager_attention(arch):
+    """The loss's attention (recomputed from the layer input) equals the weights eager attention returns, at every
+    answer position of a left-padded multi-turn batch, for LLaMA's 1-D rotary and Qwen2-VL's M-RoPE."""
+    tokenizer = QwenWordTokenizer() if arch == "qwen2_vl" else WordTokenizer()
+    model = _eager(build_qwen2_vl(tokenizer) if arch == "qwen2_vl" else build_model(tokenizer))
+    task = ShapesTask(seed=5)
+    samples = [task.sample(i) for i in range(3)]
+    followups = [distinct_followups(task, s, random.Random(i), i) for i, s in enumerate(samples)]
+    inputs = model_inputs(model, tokenizer, samples, with_answers=True, followups=followups)
+    layer, head = 3, 2
+    supervised = AnswerCellAttention(model, layer, head)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+        labels = inputs["labels"]
+        starts = torch.nonzero((labels != -100) & (labels.roll(1, dims=1) == -100))
+        rows, queries = starts[:, 0], starts[:, 1] - 1
+        assert len(rows) == 1 + 2 + 3  # one query per turn, the padded rows included
+        weights = supervised.weights(inputs, rows, queries)
+    eager = out.attentions[layer][rows, head, queries]
+    torch.testing.assert_close(weights, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_left_neighbour_targets_read_from_the_cells():
+    """Each token's target is the object in the cell to the left of its own cell (0 if that cell is empty),
+    ignored in the left column; checked token by token against the sample's cells."""
+    samples = [ShapesTask(seed=2).sample(i) for i in range(6)]
+    _, kind = cell_targets(samples, 12)
+    left = left_neighbour_objects(kind)
+    objects = list(SHAPES) + list(LETTERS)
+    for b, sample in enumerate(samples):
+        for token in range(144):
+            row, col = divmod(token, 12)
+            cell = (row // 4) * 3 + col // 4
+            if cell % 3 == 0:
+                assert left[b, token] == -100
+                continue
+            item = sample.cells[cell - 1]
+            assert left[b, token] == (0 if item is None else 1 + objects.index(item.name))
+
+
+def test_decoder_warm_start_reproduces_the_source_decoder():
+    """A Qwen2-VL whose decoder starts from a LLaVA's (copy_decoder) gives the LLaVA's logits on text-only input:
+    M-RoPE with equal t/h/w positions is 1-D rotary, and the q/k/v biases Qwen2 adds start at zero."""
+    source = build_model(WordTokenizer(), seed=3).eval()
+    tokenizer = QwenWordTokenizer()
+    model = build_qwen2_vl(tokenizer, seed=4).eval()
+    copied = copy_decoder(model, source)
+    decoder = [n for n, _ in source.named_parameters() if n.startswith(("model.language_model.", "lm_head."))]
+    assert copied == len(decoder) > 8 * 9
+    ids = torch.tensor([WordTokenizer().encode("question : what shape is in the top left cell ? answer :")])
+    with torch.no_grad():
+        expected = source(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        copy_decoder(build_qwen2_vl(tokenizer), _wider(source))
+
+
+def _wider(source):
+    """A LLaVA whose decoder is wider than the Qwen2-VL's: copy_decoder must refuse it."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = source.config
+    config = type(config).from_dict(config.to_dict())
+    config.text_config.hidden_size = 256
+    config.text_config.head_dim = 64
+    return LlavaForConditionalGeneration(config)
