@@ -40,6 +40,7 @@ from transformers import (
 
 from tokencompress.synthetic import (
     COLOURS,
+    IMAGE_SIZE,
     LETTERS,
     QUESTION_TYPES,
     SHAPES,
@@ -51,7 +52,7 @@ from tokencompress.synthetic import (
     encode_qwen2_vl,
 )
 
-IMAGE_SIZE, PATCH = 96, 8
+PATCH = 8
 SIDE = IMAGE_SIZE // PATCH
 TRAIN_SEED, TEST_SEED = 0, 1
 CELL_OF_TOKEN = (
@@ -321,6 +322,25 @@ def copy_decoder(model: nn.Module, source: LlavaForConditionalGeneration) -> int
     return copied
 
 
+class ProjectorTeacher:
+    """`--distill-from`: a trained shapes LLaVA whose projector output (the image tokens its decoder reads, raster
+    order on the same 12 x 12 grid) the student's image tokens are pulled toward, per token (mean squared error
+    over the teacher's feature variance). A dense target for a vision tower trained from scratch."""
+
+    def __init__(self, path: str) -> None:
+        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def features(self, samples: list) -> torch.Tensor:
+        pixels = torch.stack([s.image for s in samples])
+        return torch.stack(list(self.model.model.get_image_features(pixel_values=pixels).pooler_output))
+
+    def loss(self, samples: list, student: torch.Tensor) -> torch.Tensor:
+        target = self.features(samples)
+        return F.mse_loss(student.reshape(target.shape), target) / target.var()
+
+
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.out is None:
@@ -337,6 +357,7 @@ def train(args: argparse.Namespace) -> None:
         copied = copy_decoder(model, LlavaForConditionalGeneration.from_pretrained(args.init_decoder_from))
         print(json.dumps({"decoder_tensors_copied": copied}), flush=True)
     heads = CellHeads(model.config.text_config.hidden_size)
+    teacher = ProjectorTeacher(args.distill_from) if args.distill_from else None
     supervised = None
     if args.attend_layer is not None:
         supervised = AnswerCellAttention(model, args.attend_layer, args.attend_head)
@@ -379,6 +400,8 @@ def train(args: argparse.Namespace) -> None:
         if args.left_neighbour:
             left = left_neighbour_objects(kind)
             aux = aux + F.cross_entropy(heads.left(image).flatten(0, 1), left.flatten(), ignore_index=-100)
+        if teacher is not None:
+            aux = aux + teacher.loss(samples, image)
         loss = out.loss + args.aux_weight * aux
         if supervised is not None:
             loss = loss + args.attend_weight * attend
@@ -420,6 +443,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--aux-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--distill-from",
+        default=None,
+        help="a trained shapes LLaVA whose projector output the image tokens should match (an auxiliary loss)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", default=None, help="a saved model to continue training (new heads)")
     parser.add_argument(

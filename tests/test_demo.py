@@ -12,7 +12,7 @@ from transformers import AutoProcessor
 import tokencompress as tc
 from tokencompress import evaluation
 from tokencompress.cli import main, methods
-from tokencompress.synthetic import QUESTION_TYPES, encode
+from tokencompress.synthetic import QUESTION_TYPES, QwenWordTokenizer, encode, encode_qwen2_vl
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,49 @@ def test_demo_takes_a_hub_style_model(chat_model, tmp_path, capsys):
     assert "skipped, gamma-MoD (untrained router): GammaMoD: a model of 4 layers" in capsys.readouterr().out
     flops = [float(row.split("|")[-5]) for row in rows[3:]]
     assert all(abs(f - 0.8) < 0.05 for f in flops), flops
+
+
+@pytest.fixture(scope="module")
+def shapes_qwen(tmp_path_factory):
+    """A Qwen2-VL as benchmarks/train_shapes.py saves one (random weights: the test is about the plumbing)."""
+    from benchmarks.train_shapes import build_qwen2_vl
+
+    path = tmp_path_factory.mktemp("shapes_qwen2_vl")
+    build_qwen2_vl(QwenWordTokenizer(), seed=1).save_pretrained(path)
+    (path / "training.json").write_text("{}")
+    return path
+
+
+def test_shapes_qwen2_vl_answers_match_one_at_a_time(shapes_qwen):
+    """A saved shapes Qwen2-VL loads with its own prompts (Qwen's placeholders, its patch layout), and the
+    batched, left-padded evaluation gives each sample the answer it gets alone (M-RoPE positions with padding)."""
+    model, prompts = evaluation.load_model(str(shapes_qwen))
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    samples = evaluation.held_out_samples(6, prompts.image_size)
+    inputs = prompts.inputs(samples)
+    assert evaluation.visual_tokens(model, inputs) == prompts.image_tokens == 144
+    result = evaluation.Result("uncompressed", "-")
+    evaluation.run_batch(model, prompts, samples, result)
+    hits = 0
+    with torch.no_grad():
+        for sample in samples:
+            alone = encode_qwen2_vl(prompts.tokenizer, [sample])
+            token = int(model(**alone).logits[0, -1].argmax())
+            hits += token == prompts.tokenizer.encode(sample.answer)[0]
+    assert result.accuracy == hits / len(samples)
+
+
+def test_demo_runs_on_a_shapes_qwen2_vl(shapes_qwen, tmp_path):
+    """The demo's methods run on the Qwen2-VL adapter at the matched budget. MustDrop is only bounded: its vision
+    stage merges similar windows, and random vision features are all alike, so even its largest budget keeps
+    fewer tokens than 0.7 of the FLOPs needs."""
+    table = tmp_path / "demo.md"
+    main(
+        ["demo", "--model", str(shapes_qwen), "--samples", "4", "--batch", "4", "--budgets", "0.7"]
+        + ["--plot", str(tmp_path / "demo.png"), "--markdown", str(table)]
+    )
+    rows = table.read_text().strip().splitlines()
+    assert len(rows) == 2 + 1 + len(methods(8, 144))
+    flops = {row.split("|")[1].strip(): float(row.split("|")[-5]) for row in rows[3:]}
+    assert flops.pop("MustDrop") < 0.75
+    assert all(abs(f - 0.7) < 0.05 for f in flops.values()), flops

@@ -19,7 +19,16 @@ from torch import Tensor, nn
 
 from . import api
 from .compressors import Compressor
-from .synthetic import QUESTION_TYPES, Sample, ShapesTask, WordTokenizer, encode
+from .synthetic import (
+    IMAGE_SIZE,
+    QUESTION_TYPES,
+    QwenWordTokenizer,
+    Sample,
+    ShapesTask,
+    WordTokenizer,
+    encode,
+    encode_qwen2_vl,
+)
 
 ASSETS = Path(__file__).parent / "assets" / "shapes_llava"
 TEST_SEED = 1  # the shipped model trained on seed 0
@@ -42,13 +51,17 @@ class Prompts(Protocol):
 @dataclass
 class ShapesPrompts:
     """A model trained on the shapes task: its word tokenizer, its prompt, one answer word = one token (read from
-    the prefill's last logits, no decoding step)."""
+    the prefill's last logits, no decoding step). `qwen_layout` (a Qwen2-VL): the patch_size, merge_size and
+    temporal_patch_size its images are cut with (encode_qwen2_vl); None for a LLaVA."""
 
     tokenizer: WordTokenizer
     image_tokens: int
     image_size: int
+    qwen_layout: dict[str, int] | None = None
 
     def inputs(self, samples: list[Sample]) -> dict[str, Tensor]:
+        if self.qwen_layout is not None:
+            return encode_qwen2_vl(self.tokenizer, samples, **self.qwen_layout)
         return encode(self.tokenizer, samples, self.image_tokens)
 
     def answers(self, model: nn.Module, inputs: dict[str, Tensor], logits: Tensor) -> list[str]:
@@ -144,11 +157,22 @@ class Result:
 
 
 def load_shapes_model(path: str | Path | None = None) -> tuple[nn.Module, ShapesPrompts]:
-    """The shipped tiny LLaVA trained on the shapes task (or one saved at `path` by benchmarks/train_shapes.py),
-    in fp32, eval mode, with its prompts."""
-    from transformers import LlavaForConditionalGeneration
+    """The shipped tiny LLaVA trained on the shapes task, or a LLaVA or Qwen2-VL saved at `path` by
+    benchmarks/train_shapes.py; in fp32, eval mode, with its prompts."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(path or ASSETS, dtype=torch.float32).eval()
+    path = path or ASSETS
+    if AutoConfig.from_pretrained(path).model_type == "qwen2_vl":
+        model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        vision = model.config.vision_config
+        layout = dict(
+            patch_size=vision.patch_size,
+            merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+        )
+        image_tokens = (IMAGE_SIZE // (vision.patch_size * vision.spatial_merge_size)) ** 2
+        return model, ShapesPrompts(QwenWordTokenizer(), image_tokens, IMAGE_SIZE, layout)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     vision = model.config.vision_config
     image_tokens = (vision.image_size // vision.patch_size) ** 2
     return model, ShapesPrompts(WordTokenizer(), image_tokens, vision.image_size)

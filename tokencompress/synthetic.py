@@ -45,6 +45,7 @@ LETTERS = {  # 5 x 7 bitmaps, drawn scaled up to fill a cell
 }
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+IMAGE_SIZE = 96  # the shipped models' images: 3 x 3 cells of 32 px
 QUESTION_TYPES = ("background", "count", "colour", "shape", "letter", "left_of")
 GLOBAL_TYPES = ("background", "count")
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
@@ -76,7 +77,9 @@ class ShapesTask:
     Question types are drawn uniformly from `question_types` among those the image can answer, so a type listed
     twice is asked twice as often (training uses that to weight the hardest type)."""
 
-    def __init__(self, seed: int = 0, image_size: int = 96, question_types: tuple[str, ...] = QUESTION_TYPES):
+    def __init__(
+        self, seed: int = 0, image_size: int = IMAGE_SIZE, question_types: tuple[str, ...] = QUESTION_TYPES
+    ):
         if image_size % 3:
             raise ValueError(f"image_size must be a multiple of 3 (a 3 x 3 grid of cells), got {image_size}")
         unknown = set(question_types) - set(QUESTION_TYPES)
