@@ -4,18 +4,22 @@ python -m benchmarks.train_shapes --out tokencompress/assets/shapes_llava
 python -m benchmarks.train_shapes --arch qwen2_vl  # -> tokencompress/assets/shapes_qwen2_vl
 
 A LlavaForConditionalGeneration built from configs (CLIP 96 px / 8 px patches = 144 image tokens on a 12 x 12
-grid, 3 x 3 cells of 4 x 4 tokens; a LLaMA decoder), trained from scratch on CPU with two losses: the answer's
-cross-entropy (answer word and </s>), and an auxiliary per-token loss in which every image token, as the decoder
-receives it, predicts the colour and the object of its cell (linear heads, dropped after training). No attention
-supervision: attention-based pruning is not favoured by the recipe. `--questions K` asks K questions per image
+grid, 3 x 3 cells of 4 x 4 tokens; a LLaMA decoder), trained from scratch on CPU: the answer's cross-entropy
+(answer word and </s>), an auxiliary per-token loss in which every image token, as the decoder receives it,
+predicts what is in its cell (colour, object; `--where` its place, `--left-neighbour` its left neighbour's object;
+linear heads, dropped after training), and optionally supervised attention heads (`--attend-layer`: toward the
+answer's cell; `--attend-object-layer`: toward the object a left_of question names), whose bias in favour of
+attention-based pruning benchmarks/answer_cell_retention.py measures. `--questions K` asks K questions per image
 in one sequence (turns after the first see the earlier turns; evaluation asks one), which shares the cost of the
-144 image tokens among K answers.
+144 image tokens among K answers. The shipped model's stages: benchmarks/reproduce_shapes_llava.sh.
 
 `--arch qwen2_vl`: a Qwen2VLForConditionalGeneration of the same decoder size (Qwen2 layers with M-RoPE) and a
 Qwen2-VL vision tower (4 x 4 px patches x 2 frames, 2 x 2 spatial merge: 24 x 24 patches -> the same 144 tokens
 on a 12 x 12 grid), prompted `<s> <|vision_start|> <|image_pad|> x 144 <|vision_end|> question : ...` with the
 word tokenizer plus Qwen's placeholders (QwenWordTokenizer, encode_qwen2_vl). The auxiliary heads read the
-visual merger's output, whose tokens are in raster order on the merged 12 x 12 grid.
+visual merger's output, whose tokens are in raster order on the merged 12 x 12 grid. On CPU it can start from a
+trained shapes LLaVA: `--init-decoder-from` copies the decoder, `--distill-from` pulls its image tokens toward
+that LLaVA's projector output.
 """
 
 from __future__ import annotations
@@ -342,6 +346,8 @@ class ProjectorTeacher:
 
 
 def train(args: argparse.Namespace) -> None:
+    if args.left_of_weight < 1:
+        raise ValueError(f"--left-of-weight must be a positive integer, got {args.left_of_weight}")
     torch.set_num_threads(args.threads)
     if args.out is None:
         args.out = DEFAULT_OUT[args.arch]
@@ -358,13 +364,14 @@ def train(args: argparse.Namespace) -> None:
         print(json.dumps({"decoder_tensors_copied": copied}), flush=True)
     heads = CellHeads(model.config.text_config.hidden_size)
     teacher = ProjectorTeacher(args.distill_from) if args.distill_from else None
-    supervised = None
+    supervised = []  # the supervised heads: to the answer's cell, and (left_of) to the object it names
     if args.attend_layer is not None:
-        supervised = AnswerCellAttention(model, args.attend_layer, args.attend_head)
-    first_hop = None
+        supervised.append(AnswerCellAttention(model, args.attend_layer, args.attend_head))
     if args.attend_object_layer is not None:
         object_head = args.attend_head if args.attend_object_head is None else args.attend_object_head
-        first_hop = AnswerCellAttention(model, args.attend_object_layer, object_head, named_object_cell)
+        supervised.append(
+            AnswerCellAttention(model, args.attend_object_layer, object_head, named_object_cell)
+        )
     features = {}
     image_token_features(model, features)
     parameters = list(model.parameters()) + list(heads.parameters())
@@ -385,11 +392,8 @@ def train(args: argparse.Namespace) -> None:
         ]
         inputs = model_inputs(model, tokenizer, samples, with_answers=True, followups=followups)
         out = model(**inputs)
-        if supervised is not None:
-            turns = [[s, *more] for s, more in zip(samples, followups, strict=True)]
-            attend = supervised.loss(inputs, turns, image_token_id(model))
-            if first_hop is not None:
-                attend = attend + first_hop.loss(inputs, turns, image_token_id(model))
+        turns = [[s, *more] for s, more in zip(samples, followups, strict=True)]
+        attend = sum(head.loss(inputs, turns, image_token_id(model)) for head in supervised)
         colour, kind = cell_targets(samples, SIDE)
         image = features["image"].reshape(len(samples), SIDE * SIDE, -1)
         aux = F.cross_entropy(heads.colour(image).flatten(0, 1), colour.flatten()) + F.cross_entropy(
@@ -403,7 +407,7 @@ def train(args: argparse.Namespace) -> None:
         if teacher is not None:
             aux = aux + teacher.loss(samples, image)
         loss = out.loss + args.aux_weight * aux
-        if supervised is not None:
+        if supervised:
             loss = loss + args.attend_weight * attend
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -415,7 +419,7 @@ def train(args: argparse.Namespace) -> None:
                 "step": step,
                 "answer_loss": out.loss.item(),
                 "aux_loss": aux.item(),
-                **({"attend_loss": attend.item()} if supervised is not None else {}),
+                **({"attend_loss": attend.item()} if supervised else {}),
                 "minutes": (time.time() - started) / 60,
             }
             if step % args.eval_every == 0 or step == args.steps - 1:

@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.train_shapes import (
     AnswerCellAttention,
+    ProjectorTeacher,
     build_model,
     build_qwen2_vl,
     copy_decoder,
@@ -25,6 +26,7 @@ from tokencompress.synthetic import (
     ShapesTask,
     WordTokenizer,
     cell_targets,
+    encode,
 )
 
 
@@ -103,3 +105,24 @@ def _wider(source):
     config.text_config.hidden_size = 256
     config.text_config.head_dim = 64
     return LlavaForConditionalGeneration(config)
+
+
+def test_distillation_target_is_what_the_teacher_decoder_reads(tmp_path):
+    """The teacher's per-token targets are the embeddings its own decoder receives at the image positions, in
+    prompt order (raster order on the 12 x 12 grid, as the student's merged tokens)."""
+    tokenizer = WordTokenizer()
+    build_model(tokenizer, seed=6).save_pretrained(tmp_path)
+    teacher = ProjectorTeacher(str(tmp_path))
+    samples = [ShapesTask(seed=4).sample(i) for i in range(2)]
+    inputs = encode(tokenizer, samples, 144)
+    received = {}
+    decoder = teacher.model.model.language_model
+    decoder.register_forward_pre_hook(
+        lambda m, a, k: received.__setitem__("embeds", k["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        teacher.model(**inputs)
+    image = inputs["input_ids"] == tokenizer.image_token_id
+    expected = received["embeds"][image].reshape(2, 144, -1)
+    torch.testing.assert_close(teacher.features(samples), expected)
+    assert teacher.loss(samples, expected.reshape(-1, expected.shape[-1])) == 0
