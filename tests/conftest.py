@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ import torch
 from tokencompress.tiny import tiny_llava
 
 NUM_LAYERS = 4
+# benchmarks/ (the training script) is imported by tests; appended, not prepended, so that the installed
+# package's metadata (its entry points) comes before anything a build left in the repository root
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 @functools.cache
