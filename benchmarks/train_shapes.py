@@ -426,15 +426,20 @@ def train(args: argparse.Namespace) -> None:
                 entry["test"] = evaluate(model, tokenizer, test, args.eval_samples)
             log.append(entry)
             print(json.dumps(entry), flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(model, args, {"args": vars(args), "saved_at_step": step + 1, "log": log})
     scores = evaluate(model, tokenizer, test, args.final_samples)
     minutes = (time.time() - started) / 60
     print(json.dumps({"final_test": scores, "minutes": minutes}), flush=True)
+    save(model, args, {"args": vars(args), "final_test": scores, "minutes": minutes, "log": log})
+
+
+def save(model: nn.Module, args: argparse.Namespace, record: dict) -> None:
+    """The weights in fp16 (the training copy stays fp32) and training.json, into --out."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out)
-    (out / "training.json").write_text(
-        json.dumps({"args": vars(args), "final_test": scores, "minutes": minutes, "log": log}, indent=1)
-    )
+    model.save_pretrained(out, state_dict={k: v.half() for k, v in model.state_dict().items()})
+    (out / "training.json").write_text(json.dumps(record, indent=1))
 
 
 def main() -> None:
@@ -501,6 +506,9 @@ def main() -> None:
         help="draw left_of questions this many times as often in training (the held-out split stays uniform)",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="also save the weights every N steps (0: only at the end)"
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-samples", type=int, default=300)
