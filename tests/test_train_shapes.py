@@ -1,6 +1,7 @@
 """The training script's parts that the shipped models' quality rests on, against independent references: the
-supervised head's attention as eager attention computes it (LLaMA rotary and Qwen2-VL's M-RoPE), the
-left-neighbour targets as read from the cells, and the decoder warm start as the source decoder's own logits."""
+supervised head's attention and loss as eager attention gives them (LLaMA rotary and Qwen2-VL's M-RoPE), the
+left-neighbour targets as read from the cells, the decoder warm start as the source decoder's own logits, and
+the distillation target as what the teacher's decoder receives."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tokencompress.synthetic import (
     QwenWordTokenizer,
     ShapesTask,
     WordTokenizer,
+    answer_cell,
     cell_targets,
     encode,
 )
@@ -58,6 +60,21 @@ def test_supervised_head_weights_are_eager_attention(arch):
         weights = supervised.weights(inputs, rows, queries)
     eager = out.attentions[layer][rows, head, queries]
     torch.testing.assert_close(weights, eager, atol=1e-5, rtol=1e-4)
+    # the loss: -log of the eager mass on each cell-answer turn's cell, the turns matched to the samples by hand
+    turns = [[s, *more] for s, more in zip(samples, followups, strict=True)]
+    expected = []
+    for (row, query), sample in zip(starts.tolist(), [t for per in turns for t in per], strict=True):
+        cell = answer_cell(sample)
+        if cell is None:
+            continue
+        image = torch.nonzero(inputs["input_ids"][row] == model.config.image_token_id).flatten()
+        tokens = [int(image[k]) for k in range(144) if (k // 12) // 4 * 3 + (k % 12) // 4 == cell]
+        expected.append(-torch.log(out.attentions[layer][row, head, query - 1, tokens].sum() + 1e-6))
+    assert expected
+    with torch.no_grad():
+        model(**inputs)  # the hook captures this forward's layer input
+        loss = supervised.loss(inputs, turns, model.config.image_token_id)
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-4, rtol=1e-4)
 
 
 def test_left_neighbour_targets_read_from_the_cells():
