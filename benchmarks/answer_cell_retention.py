@@ -20,15 +20,13 @@ import argparse
 import torch
 
 import tokencompress as tc
+from benchmarks.train_shapes import CELL_OF_TOKEN
 from tokencompress import evaluation
 from tokencompress.synthetic import answer_cell
 
 
 def retention(model, prompts, samples, compressor: tc.Compressor, layer: int) -> tuple[float, float]:
     """Mean share of the answer cell's image tokens that `layer` processes, and the accuracy, over `samples`."""
-    side = int(prompts.image_tokens**0.5)
-    grid = torch.arange(side) // (side // 3)
-    cell_of_token = (grid[:, None] * 3 + grid[None, :]).flatten()
     result = evaluation.Result("", "")
     shares = []
     with tc.compressed(model, compressor):
@@ -39,7 +37,7 @@ def retention(model, prompts, samples, compressor: tc.Compressor, layer: int) ->
             prefill = tc.stats(model).prefill
             for b, sample in enumerate(batch):
                 image = torch.nonzero(inputs["input_ids"][b] == prompts.tokenizer.image_token_id).flatten()
-                cell = image[cell_of_token == answer_cell(sample)]
+                cell = image[answer_cell(sample) == CELL_OF_TOKEN]
                 kept = set(prefill.layers[layer].kept_positions(b))
                 shares.append(sum(int(p) in kept for p in cell) / len(cell))
     return sum(shares) / len(shares), result.accuracy

@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.train_shapes import CELL_OF_TOKEN, IMAGE_SIZE, TEST_SEED
 from tokencompress.evaluation import load_shapes_model
-from tokencompress.synthetic import ShapesTask, answer_cell, encode
+from tokencompress.synthetic import ShapesTask, answer_cell
 
 
 @torch.no_grad()
@@ -34,7 +34,7 @@ def diagnose(
     answer_mass, object_mass = [], []
     for start in range(0, samples, batch):
         chunk = [task.sample(i) for i in range(start, min(samples, start + batch))]
-        inputs = encode(tokenizer, chunk, prompts.image_tokens)
+        inputs = prompts.inputs(chunk)
         out = model(**inputs, output_attentions=True)
         predicted = out.logits[:, -1].argmax(-1).tolist()
         attention = out.attentions[layer][:, :, -1]  # (batch, heads, length): from the last prompt position

@@ -54,6 +54,7 @@ from tokencompress.synthetic import (
     cell_targets,
     encode,
     encode_qwen2_vl,
+    qwen2_vl_layout,
 )
 
 PATCH = 8
@@ -153,16 +154,8 @@ def model_inputs(
     """The batch each architecture takes: `encode` (LLaVA, SIDE x SIDE image tokens) or `encode_qwen2_vl` with the
     model's own patch layout (Qwen2-VL)."""
     if model.config.model_type == "qwen2_vl":
-        vision = model.config.vision_config
-        return encode_qwen2_vl(
-            tokenizer,
-            samples,
-            with_answers,
-            followups,
-            patch_size=vision.patch_size,
-            merge_size=vision.spatial_merge_size,
-            temporal_patch_size=vision.temporal_patch_size,
-        )
+        layout = qwen2_vl_layout(model.config.vision_config)
+        return encode_qwen2_vl(tokenizer, samples, with_answers, followups, **layout)
     return encode(tokenizer, samples, SIDE * SIDE, with_answers=with_answers, followups=followups)
 
 

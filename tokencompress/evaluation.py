@@ -28,6 +28,7 @@ from .synthetic import (
     WordTokenizer,
     encode,
     encode_qwen2_vl,
+    qwen2_vl_layout,
 )
 
 ASSETS = Path(__file__).parent / "assets" / "shapes_llava"
@@ -164,13 +165,8 @@ def load_shapes_model(path: str | Path | None = None) -> tuple[nn.Module, Shapes
     path = path or ASSETS
     if AutoConfig.from_pretrained(path).model_type == "qwen2_vl":
         model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        vision = model.config.vision_config
-        layout = dict(
-            patch_size=vision.patch_size,
-            merge_size=vision.spatial_merge_size,
-            temporal_patch_size=vision.temporal_patch_size,
-        )
-        image_tokens = (IMAGE_SIZE // (vision.patch_size * vision.spatial_merge_size)) ** 2
+        layout = qwen2_vl_layout(model.config.vision_config)
+        image_tokens = (IMAGE_SIZE // (layout["patch_size"] * layout["merge_size"])) ** 2
         return model, ShapesPrompts(QwenWordTokenizer(), image_tokens, IMAGE_SIZE, layout)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     vision = model.config.vision_config

@@ -323,6 +323,16 @@ def encode_qwen2_vl(
     return batch
 
 
+def qwen2_vl_layout(vision_config) -> dict[str, int]:
+    """The patch_size, merge_size and temporal_patch_size of a Qwen2-VL vision config, as `encode_qwen2_vl` and
+    `qwen2_vl_patches` take them."""
+    return dict(
+        patch_size=vision_config.patch_size,
+        merge_size=vision_config.spatial_merge_size,
+        temporal_patch_size=vision_config.temporal_patch_size,
+    )
+
+
 def qwen2_vl_patches(
     images: Tensor, patch_size: int = 4, merge_size: int = 2, temporal_patch_size: int = 2
 ) -> tuple[Tensor, Tensor]:
