@@ -6,8 +6,8 @@ python -m benchmarks.train_shapes --arch qwen2_vl  # -> tokencompress/assets/sha
 A LlavaForConditionalGeneration built from configs (CLIP 96 px / 8 px patches = 144 image tokens on a 12 x 12
 grid, 3 x 3 cells of 4 x 4 tokens; a LLaMA decoder), trained from scratch on CPU: the answer's cross-entropy
 (answer word and </s>), an auxiliary per-token loss in which every image token, as the decoder receives it,
-predicts what is in its cell (colour, object; `--where` its place, `--left-neighbour` its left neighbour's object;
-linear heads, dropped after training), and optionally supervised attention heads (`--attend-layer`: toward the
+predicts what is in its cell (colour, object; `--where` its place, `--left-neighbour` its left neighbour's object,
+`--right-neighbour` its right neighbour's colour and object; linear heads, dropped after training), and optionally supervised attention heads (`--attend-layer`: toward the
 answer's cell; `--attend-object-layer`: toward the object a left_of question names), whose bias in favour of
 attention-based pruning benchmarks/answer_cell_retention.py measures. `--questions K` asks K questions per image
 in one sequence (turns after the first see the earlier turns; evaluation asks one), which shares the cost of the
@@ -172,23 +172,28 @@ def image_token_features(model, features: dict) -> nn.Module:
 
 class CellHeads(nn.Module):
     """Auxiliary heads: each image token predicts its cell's colour and object, (with `--where`) which of the
-    nine cells it lies in, so a question's "top left" can find its tokens, and (with `--left-neighbour`) the
-    object of the cell on its left, so "what is left of the red circle" can be read at the red circle."""
+    nine cells it lies in, (with `--left-neighbour`) the object of the cell on its left, so "what is left of the
+    red circle" can be read at the red circle, and (with `--right-neighbour`) the colour and object of the cell
+    on its right, so the answer's own tokens match "the red circle" and one head can find them."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
+        objects = 1 + len(SHAPES) + len(LETTERS)
         self.colour = nn.Linear(hidden, 1 + len(COLOURS))
-        self.object = nn.Linear(hidden, 1 + len(SHAPES) + len(LETTERS))
+        self.object = nn.Linear(hidden, objects)
         self.cell = nn.Linear(hidden, 9)
-        self.left = nn.Linear(hidden, 1 + len(SHAPES) + len(LETTERS))
+        self.left = nn.Linear(hidden, objects)
+        self.right_colour = nn.Linear(hidden, 1 + len(COLOURS))
+        self.right_object = nn.Linear(hidden, objects)
 
 
-def left_neighbour_objects(objects: torch.Tensor) -> torch.Tensor:
-    """Per-token object targets (images, SIDE * SIDE) -> the object of the cell left of each token's cell
-    (0 none), -100 (ignored) in the left column, which has no cell on its left."""
-    per_cell = objects[:, FIRST_TOKEN_OF_CELL]
-    left = per_cell[:, (CELL_OF_TOKEN - 1).clamp(min=0)]
-    return left.masked_fill(CELL_OF_TOKEN % 3 == 0, -100)
+def neighbour_targets(targets: torch.Tensor, step: int) -> torch.Tensor:
+    """Per-token targets (images, SIDE * SIDE) -> the target of the cell `step` columns away in the same row
+    (-1: left, +1: right) for each token, -100 (ignored) where that cell is off the grid."""
+    per_cell = targets[:, FIRST_TOKEN_OF_CELL]
+    column = CELL_OF_TOKEN % 3 + step
+    neighbour = per_cell[:, (CELL_OF_TOKEN + step).clamp(0, 8)]
+    return neighbour.masked_fill((column < 0) | (column > 2), -100)
 
 
 @torch.no_grad()
@@ -395,8 +400,12 @@ def train(args: argparse.Namespace) -> None:
         if args.where:
             aux = aux + F.cross_entropy(heads.cell(image).flatten(0, 1), CELL_OF_TOKEN.repeat(len(samples)))
         if args.left_neighbour:
-            left = left_neighbour_objects(kind)
+            left = neighbour_targets(kind, -1)
             aux = aux + F.cross_entropy(heads.left(image).flatten(0, 1), left.flatten(), ignore_index=-100)
+        if args.right_neighbour:
+            for head, target in ((heads.right_colour, colour), (heads.right_object, kind)):
+                right = neighbour_targets(target, 1).flatten()
+                aux = aux + F.cross_entropy(head(image).flatten(0, 1), right, ignore_index=-100)
         if teacher is not None:
             aux = aux + teacher.loss(samples, image)
         loss = out.loss + args.aux_weight * aux
@@ -491,6 +500,11 @@ def main() -> None:
         "--left-neighbour",
         action="store_true",
         help="also predict the object of the cell left of each image token's cell",
+    )
+    parser.add_argument(
+        "--right-neighbour",
+        action="store_true",
+        help="also predict the colour and object of the cell right of each image token's cell",
     )
     parser.add_argument(
         "--left-of-weight",

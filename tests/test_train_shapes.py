@@ -17,10 +17,11 @@ from benchmarks.train_shapes import (
     build_qwen2_vl,
     copy_decoder,
     distinct_followups,
-    left_neighbour_objects,
     model_inputs,
+    neighbour_targets,
 )
 from tokencompress.synthetic import (
+    COLOURS,
     LETTERS,
     SHAPES,
     QwenWordTokenizer,
@@ -77,22 +78,24 @@ def test_supervised_head_weights_are_eager_attention(arch):
     torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-4, rtol=1e-4)
 
 
-def test_left_neighbour_targets_read_from_the_cells():
-    """Each token's target is the object in the cell to the left of its own cell (0 if that cell is empty),
-    ignored in the left column; checked token by token against the sample's cells."""
+@pytest.mark.parametrize("step", [-1, 1])
+def test_neighbour_targets_read_from_the_cells(step):
+    """Each token's targets are the object and colour in the cell `step` columns from its own cell (0 if that cell
+    is empty), ignored where no such cell exists; checked token by token against the sample's cells."""
     samples = [ShapesTask(seed=2).sample(i) for i in range(6)]
-    _, kind = cell_targets(samples, 12)
-    left = left_neighbour_objects(kind)
-    objects = list(SHAPES) + list(LETTERS)
+    colour, kind = cell_targets(samples, 12)
+    objects, colours = neighbour_targets(kind, step), neighbour_targets(colour, step)
+    names, colour_names = list(SHAPES) + list(LETTERS), list(COLOURS)
     for b, sample in enumerate(samples):
         for token in range(144):
             row, col = divmod(token, 12)
             cell = (row // 4) * 3 + col // 4
-            if cell % 3 == 0:
-                assert left[b, token] == -100
+            if not 0 <= cell % 3 + step <= 2:
+                assert objects[b, token] == colours[b, token] == -100
                 continue
-            item = sample.cells[cell - 1]
-            assert left[b, token] == (0 if item is None else 1 + objects.index(item.name))
+            item = sample.cells[cell + step]
+            assert objects[b, token] == (0 if item is None else 1 + names.index(item.name))
+            assert colours[b, token] == (0 if item is None else 1 + colour_names.index(item.colour))
 
 
 def test_decoder_warm_start_reproduces_the_source_decoder():
