@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import tokencompress as tc
@@ -336,3 +337,104 @@ def test_rerun_with_other_samples_is_refused_unless_fresh(resumed, tmp_path, shi
     main(["ablate", str(changed), "--out", str(out), "--fresh"])
     assert [(row["method"], row["samples"]) for row in rows(out)] == [("uncompressed", "4"), ("random", "4")]
     assert sorted(p.name for p in out.glob("config.*")) == ["config.yaml"]
+
+
+def save_forced_dpn(model, directory: Path, expert: int) -> None:
+    """Saved DPN routers that pick `expert` whatever the input: each router's LayerNorm outputs a constant
+    (weight 0, bias 1), so its logits are one fixed vector, large enough at `expert` that its probability is 1."""
+    dpn = tc.DPN()
+    with tc.compressed(model, dpn), torch.no_grad():
+        for router in dpn.routers:
+            router.norm.weight.zero_()
+            router.norm.bias.fill_(1.0)
+            router.down.weight.fill_(1.0 / router.down.in_features)
+            router.up.weight.zero_()
+            router.up.weight[expert] = 1e3
+        tc.save_pretrained(model, directory)
+
+
+def test_pretrained_routers_are_loaded_into_every_setting(tmp_path, shipped, monkeypatch):
+    """DPN routers forced to the identity expert answer exactly as the uncompressed model with all 144 tokens;
+    forced to the 2 x 2 expert, exactly as StaticPyramid's 2 x 2 max pooling at the same layers (a compressor
+    without routers); untrained routers do neither."""
+    model, prompts = shipped
+    save_forced_dpn(model, tmp_path / "identity", expert=0)
+    save_forced_dpn(model, tmp_path / "pool", expert=2)
+    Spy(monkeypatch, shipped)
+    methods = [
+        {"name": "dpn", "label": "identity", "pretrained": str(tmp_path / "identity")},
+        {"name": "dpn", "label": "pool", "pretrained": str(tmp_path / "pool")},
+        {"name": "static_pyramid", "grid": {"kernels": [[2, 2]], "pooling": "max"}},
+    ]
+    config = write(tmp_path / "trained.yaml", **SMALL, methods=methods)
+    out = ablation.run(config, tmp_path / "out", echo=lambda line: None)
+    base, identity, pool, static = rows(out)
+    assert (
+        identity["pretrained"] == str(tmp_path / "identity") and "trained (identity)" in identity["setting"]
+    )
+    assert float(identity["visual_tokens"]) == 144
+    assert (identity["accuracy"], identity["per_type"]) == (base["accuracy"], base["per_type"])
+    assert float(static["visual_tokens"]) < 144
+    for column in ("accuracy", "per_type", "visual_tokens", "kv_ratio"):
+        assert pool[column] == static[column], column
+    assert not getattr(model, api.ATTRIBUTE, None)  # every compress was undone
+
+    untrained = tc.DPN()  # the same pipeline with fresh routers: sampled, neither forced choice
+    result = evaluation.Result("dpn", "")
+    samples = evaluation.held_out_samples(8, prompts.image_size, seed=1)
+    with tc.compressed(model, untrained):
+        for batch in (samples[:4], samples[4:]):
+            evaluation.run_batch(model, prompts, batch, result)
+    assert result.average_visual_tokens not in (144, float(pool["visual_tokens"]))
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"name": "dpn", "pretrained": "{missing}"}, "no tokencompress_config.json in"),
+        ({"name": "gamma_mod", "pretrained": "{pool}"}, "holds the pipeline ['dpn'], not one 'gamma_mod'"),
+        ({"name": "dpn", "pretrained": "{bare}"}, "has no trained weights"),
+        ({"name": "dpn", "pretrained": 3}, "pretrained is a directory written by tc.save_pretrained"),
+    ],
+)
+def test_bad_pretrained_fails_before_any_model_work(tmp_path, shipped, monkeypatch, entry, expected):
+    model, _ = shipped
+    save_forced_dpn(model, tmp_path / "pool", expert=2)
+    with tc.compressed(model, tc.FastV()):
+        tc.save_pretrained(model, tmp_path / "fastv")  # a pipeline without weights
+    (tmp_path / "bare").mkdir()
+    config = json.loads((tmp_path / "fastv" / api.CONFIG_NAME).read_text())
+    config["compressors"] = [tc.DPN().to_dict()]
+    (tmp_path / "bare" / api.CONFIG_NAME).write_text(json.dumps(config))
+    if isinstance(entry["pretrained"], str):
+        entry = {
+            **entry,
+            "pretrained": entry["pretrained"].format(
+                **{n: tmp_path / n for n in ("missing", "pool", "bare")}
+            ),
+        }
+    monkeypatch.setattr(evaluation, "load_model", lambda *a, **k: pytest.fail("no model work expected"))
+    with pytest.raises(ablation.ConfigError, match="methods\\[0\\]") as error:
+        ablation.load_config(write(tmp_path / "bad.yaml", **SMALL, methods=[entry]))
+    assert expected in str(error.value)
+
+
+def test_pretrained_weights_that_do_not_fit_fail_before_evaluation(tmp_path, shipped, monkeypatch):
+    model, _ = shipped
+    save_forced_dpn(model, tmp_path / "pool", expert=2)
+    spy = Spy(monkeypatch, shipped)
+    methods = [{"name": "dpn", "pretrained": str(tmp_path / "pool"), "grid": {"experts": [[[1, 1], [2, 2]]]}}]
+    with pytest.raises(SystemExit) as exited:
+        main(
+            [
+                "ablate",
+                str(write(tmp_path / "fit.yaml", **SMALL, methods=methods)),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    message = str(exited.value.code)
+    assert (
+        "methods[0] (dpn, label 'DPN')" in message and "do not fit" in message and "size mismatch" in message
+    )
+    assert not spy.prefills and not (tmp_path / "o" / "results.csv").exists()

@@ -32,7 +32,7 @@ from .compressors import Compressor, build, registry
 from .synthetic import QUESTION_TYPES, Sample
 
 TOP_KEYS = ("model", "samples", "batch", "seed", "device", "dtype", "threads", "warmup", "methods")
-ENTRY_KEYS = ("name", "label", "grid", "match")
+ENTRY_KEYS = ("name", "label", "grid", "match", "pretrained")
 MATCH_KEYS = ("knob", "low", "high", "flops", "steps", "integer", "tolerance")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 VISUAL = "visual"  # a match bound: the model's visual tokens per prompt (e.g. MustDrop's budget)
@@ -46,6 +46,7 @@ COLUMNS = (
     "label",
     "setting",
     "params",
+    "pretrained",
     "target_flops",
     "flops_ratio",
     "latency_ratio",
@@ -62,7 +63,7 @@ COLUMNS = (
     "baseline_seconds",
     "run",
 )
-KEY_COLUMNS = ("method", "params", "samples", "seed", "model")
+KEY_COLUMNS = ("method", "params", "pretrained", "samples", "seed", "model")
 
 
 class ConfigError(ValueError):
@@ -86,14 +87,27 @@ class Match:
 
 
 @dataclass(frozen=True)
+class Pretrained:
+    """Trained compressor weights (`pretrained: DIR`, written by tc.save_pretrained with one compressor): its saved
+    parameters are the entry's defaults, which the grid and match override, and its weights (routers) are loaded
+    into every setting of the entry."""
+
+    directory: str
+    params: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Entry:
-    """One item of `methods`: a registered compressor, its label, a grid of parameters, an optional match."""
+    """One item of `methods`: a registered compressor, its label, a grid of parameters, an optional match, and
+    optionally trained weights."""
 
     index: int
     name: str
     label: str
     grid: dict[str, list[Any]]
     match: Match | None
+    pretrained: Pretrained | None = None
 
     @property
     def where(self) -> str:
@@ -109,7 +123,8 @@ class Setting:
     target: float | None = None
 
     def build(self, knob: float | None = None) -> Compressor:
-        params = dict(self.params)
+        """The setting's compressor from its parameters (trained weights are loaded by `with_weights`)."""
+        params = {**(self.entry.pretrained.params if self.entry.pretrained else {}), **self.params}
         if self.entry.match is not None:
             params[self.entry.match.knob] = self.entry.match.cast(knob)
         return build(self.entry.name, **params)
@@ -118,6 +133,8 @@ class Setting:
         parts = [f"{k}={_short(v)}" for k, v in self.params.items()]
         if self.entry.match is not None and knob is not None:
             parts.append(f"{self.entry.match.knob}={_short(self.entry.match.cast(knob))}")
+        if self.entry.pretrained is not None:
+            parts.append(f"trained ({Path(self.entry.pretrained.directory).name})")
         text = " ".join(parts) or "defaults"
         return text if self.target is None else f"{text} (FLOPs target {self.target:g})"
 
@@ -229,7 +246,7 @@ def load_config(path: str | os.PathLike) -> Config:
         knobs = _bounds(setting) if setting.entry.match else [None]
         checked = [_building(setting, knob) for knob in knobs]
         if setting.entry.match is None:
-            key = _canonical(checked[0])
+            key = (_canonical(checked[0]), _pretrained_name(setting))
             if (setting.entry.name, key) in seen:
                 raise ConfigError(
                     f"{setting.where} is the same compressor as {seen[setting.entry.name, key].where}"
@@ -260,7 +277,8 @@ def _entry(index: int, item: Any) -> Entry:
     for key, values in grid.items():
         if not values:
             raise ConfigError(f"{where}: grid.{key} is an empty list (no setting)")
-    entry = Entry(index, name, label, grid, _match(where, item.get("match"), grid))
+    pretrained = _pretrained(where, item["pretrained"], name) if "pretrained" in item else None
+    entry = Entry(index, name, label, grid, _match(where, item.get("match"), grid), pretrained)
     parameters = _parameters(known[name])
     for key in grid:
         if key not in parameters:
@@ -273,6 +291,54 @@ def _entry(index: int, item: Any) -> Entry:
             f"parameters: {', '.join(parameters)}"
         )
     return entry
+
+
+def _pretrained(where: str, directory: Any, name: str) -> Pretrained:
+    """Read `pretrained: DIR`: one saved compressor of the entry's kind, with trained weights."""
+    from safetensors.torch import load_file
+
+    if not isinstance(directory, str) or not directory:
+        raise ConfigError(
+            f"{where}: pretrained is a directory written by tc.save_pretrained, got {directory!r}"
+        )
+    config_path, weights_path = Path(directory) / api.CONFIG_NAME, Path(directory) / api.WEIGHTS_NAME
+    if not config_path.is_file():
+        raise ConfigError(
+            f"{where}: pretrained: no {api.CONFIG_NAME} in {directory} (tc.save_pretrained writes it)"
+        )
+    saved = json.loads(config_path.read_text()).get("compressors", [])
+    if len(saved) != 1 or saved[0].get("name") != name:
+        found = [item.get("name") for item in saved]
+        raise ConfigError(
+            f"{where}: pretrained: {directory} holds the pipeline {found}, not one {name!r} compressor"
+        )
+    if not weights_path.is_file():
+        raise ConfigError(f"{where}: pretrained: {directory} has no trained weights ({api.WEIGHTS_NAME})")
+    weights = {key.removeprefix("0."): value for key, value in load_file(weights_path).items()}
+    params = {key: value for key, value in saved[0].items() if key != "name"}
+    return Pretrained(directory, params, weights)
+
+
+def with_weights(model: nn.Module, setting: Setting, compressor: Compressor) -> Compressor:
+    """The compressor with its entry's trained weights: compressing the model once builds its routers (sized to
+    the model), the weights are loaded, and the routers stay for every later compress of this instance."""
+    pretrained = setting.entry.pretrained
+    if pretrained is None:
+        return compressor
+    api.compress(model, compressor)
+    try:
+        compressor.load_state_dict(pretrained.weights)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"{setting.where}: the weights in {pretrained.directory} do not fit: {error}"
+        ) from error
+    finally:
+        api.uncompress(model)
+    return compressor
+
+
+def _pretrained_name(setting: Setting) -> str:
+    return setting.entry.pretrained.directory if setting.entry.pretrained else ""
 
 
 def _match(where: str, data: Any, grid: dict[str, list[Any]]) -> Match | None:
@@ -446,7 +512,14 @@ def run(
     for index in tqdm(missing, desc="matching budgets", disable=not missing):
         setting, run_state = settings[index], load()
         low, high = _bounds(setting, run_state.visual)
-        method = evaluation.Method(setting.entry.label, setting.build, low, high)
+        method = evaluation.Method(
+            setting.entry.label,
+            lambda knob, setting=setting, model=run_state.model: with_weights(
+                model, setting, setting.build(knob)
+            ),
+            low,
+            high,
+        )
         value, ratio = evaluation.match_budget(
             run_state.model,
             run_state.prompts,
@@ -530,6 +603,7 @@ def _evaluate(
             for batch in tqdm(run_state.batches, desc=BASELINE, leave=False):
                 evaluation.run_batch(run_state.model, run_state.prompts, batch, result)
         else:
+            compressor = with_weights(run_state.model, setting, compressor)
             try:
                 result, reference = paired(
                     run_state.model,
@@ -600,12 +674,13 @@ def _check_fit(model: nn.Module, settings: list[Setting], visual: int) -> None:
     """Compress (and undo) a copy of every setting's compressor (both match bounds), before any evaluation."""
     for setting in settings:
         for knob in _bounds(setting, visual) if setting.entry.match else [None]:
-            compressor = _building(setting, knob)
+            compressor = copy.deepcopy(_building(setting, knob))
             try:
-                api.compress(model, copy.deepcopy(compressor))
+                api.compress(model, compressor)
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"{setting.where} does not fit this model: {error}") from error
             api.uncompress(model)
+            with_weights(model, setting, compressor)
 
 
 def _match_key(setting: Setting, probe_size: int) -> str:
@@ -622,6 +697,8 @@ def _match_key(setting: Setting, probe_size: int) -> str:
         "target": setting.target,
         "probe": probe_size,
     }
+    if setting.entry.pretrained is not None:
+        spec["pretrained"] = setting.entry.pretrained.directory
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
 
@@ -646,6 +723,7 @@ def _setting_row(
         label=setting.entry.label,
         setting=setting.describe(knob),
         params=_canonical(compressor),
+        pretrained=_pretrained_name(setting),
         target_flops="" if setting.target is None else f"{setting.target:g}",
     )
     return row
