@@ -392,7 +392,7 @@ def test_pretrained_routers_are_loaded_into_every_setting(tmp_path, shipped, mon
     ("entry", "expected"),
     [
         ({"name": "dpn", "pretrained": "{missing}"}, "no tokencompress_config.json in"),
-        ({"name": "gamma_mod", "pretrained": "{pool}"}, "holds the pipeline ['dpn'], not one 'gamma_mod'"),
+        ({"name": "gamma_mod", "pretrained": "{pool}"}, "holds a 'dpn' compressor, not 'gamma_mod'"),
         ({"name": "dpn", "pretrained": "{bare}"}, "has no trained weights"),
         ({"name": "dpn", "pretrained": 3}, "pretrained is a directory written by tc.save_pretrained"),
     ],

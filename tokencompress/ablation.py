@@ -87,17 +87,6 @@ class Match:
 
 
 @dataclass(frozen=True)
-class Pretrained:
-    """Trained compressor weights (`pretrained: DIR`, written by tc.save_pretrained with one compressor): its saved
-    parameters are the entry's defaults, which the grid and match override, and its weights (routers) are loaded
-    into every setting of the entry."""
-
-    directory: str
-    params: dict[str, Any]
-    weights: dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
 class Entry:
     """One item of `methods`: a registered compressor, its label, a grid of parameters, an optional match, and
     optionally trained weights."""
@@ -107,7 +96,7 @@ class Entry:
     label: str
     grid: dict[str, list[Any]]
     match: Match | None
-    pretrained: Pretrained | None = None
+    pretrained: evaluation.Trained | None = None
 
     @property
     def where(self) -> str:
@@ -293,48 +282,34 @@ def _entry(index: int, item: Any) -> Entry:
     return entry
 
 
-def _pretrained(where: str, directory: Any, name: str) -> Pretrained:
+def _pretrained(where: str, directory: Any, name: str) -> evaluation.Trained:
     """Read `pretrained: DIR`: one saved compressor of the entry's kind, with trained weights."""
-    from safetensors.torch import load_file
-
     if not isinstance(directory, str) or not directory:
         raise ConfigError(
             f"{where}: pretrained is a directory written by tc.save_pretrained, got {directory!r}"
         )
-    config_path, weights_path = Path(directory) / api.CONFIG_NAME, Path(directory) / api.WEIGHTS_NAME
-    if not config_path.is_file():
+    try:
+        trained = evaluation.read_trained(directory)
+    except ValueError as error:
+        raise ConfigError(f"{where}: pretrained: {error}") from error
+    if trained.name != name:
         raise ConfigError(
-            f"{where}: pretrained: no {api.CONFIG_NAME} in {directory} (tc.save_pretrained writes it)"
+            f"{where}: pretrained: {directory} holds a {trained.name!r} compressor, not {name!r}"
         )
-    saved = json.loads(config_path.read_text()).get("compressors", [])
-    if len(saved) != 1 or saved[0].get("name") != name:
-        found = [item.get("name") for item in saved]
-        raise ConfigError(
-            f"{where}: pretrained: {directory} holds the pipeline {found}, not one {name!r} compressor"
-        )
-    if not weights_path.is_file():
-        raise ConfigError(f"{where}: pretrained: {directory} has no trained weights ({api.WEIGHTS_NAME})")
-    weights = {key.removeprefix("0."): value for key, value in load_file(weights_path).items()}
-    params = {key: value for key, value in saved[0].items() if key != "name"}
-    return Pretrained(directory, params, weights)
+    return trained
 
 
 def with_weights(model: nn.Module, setting: Setting, compressor: Compressor) -> Compressor:
-    """The compressor with its entry's trained weights: compressing the model once builds its routers (sized to
-    the model), the weights are loaded, and the routers stay for every later compress of this instance."""
+    """The setting's compressor with its entry's trained weights (if any)."""
     pretrained = setting.entry.pretrained
     if pretrained is None:
         return compressor
-    api.compress(model, compressor)
     try:
-        compressor.load_state_dict(pretrained.weights)
+        return evaluation.with_weights(model, compressor, pretrained.weights)
     except RuntimeError as error:
         raise ConfigError(
             f"{setting.where}: the weights in {pretrained.directory} do not fit: {error}"
         ) from error
-    finally:
-        api.uncompress(model)
-    return compressor
 
 
 def _pretrained_name(setting: Setting) -> str:

@@ -13,8 +13,14 @@ import tokencompress as tc
 from . import evaluation
 
 
-def methods(num_layers: int, visual: int) -> list[evaluation.Method]:
-    """The compressors the demo compares, each with the knob that sets its budget (larger keeps more)."""
+def methods(
+    num_layers: int,
+    visual: int,
+    model: torch.nn.Module | None = None,
+    router: evaluation.Trained | None = None,
+) -> list[evaluation.Method]:
+    """The compressors the demo compares, each with the knob that sets its budget (larger keeps more); gamma-MoD
+    with `router`'s trained weights when given (loaded through `model`), else with an untrained router."""
 
     def pyramid(value: float) -> tc.StaticPyramid:
         first = round(value)
@@ -26,14 +32,41 @@ def methods(num_layers: int, visual: int) -> list[evaluation.Method]:
         evaluation.Method("RandomDrop", lambda v: tc.RandomDrop(layer=2, keep=float(v)), 0.01, 1.0),
         evaluation.Method("StaticPyramid 2x2", pyramid, 0, num_layers - 2),
         evaluation.Method("MustDrop", lambda v: tc.MustDrop(budget=float(v)), 1.0, float(visual)),
-        evaluation.Method(
+        gamma_mod(model, router),
+    ]
+
+
+def gamma_mod(model: torch.nn.Module | None, router: evaluation.Trained | None) -> evaluation.Method:
+    """gamma-MoD with its knob (the share of visual tokens that run the MoD layers, 1 - skip)."""
+    if router is None:
+        return evaluation.Method(
             "gamma-MoD (untrained router)",
             lambda v: tc.GammaMoD(skip=min(0.99, 1.0 - float(v)), mlp_scale="straight_through"),
             0.01,
             1.0,
             note="its router is untrained here (random routing); train it with HF Trainer (docs/training.md)",
+        )
+    params = {key: value for key, value in router.params.items() if key != "skip"}
+    return evaluation.Method(
+        "gamma-MoD (trained router)",
+        lambda v: evaluation.with_weights(
+            model, tc.GammaMoD(**params, skip=min(0.99, 1.0 - float(v))), router.weights
         ),
-    ]
+        0.01,
+        1.0,
+        note=f"router trained by benchmarks/train_routers.py ({router.directory})",
+    )
+
+
+def shipped_routers(name: str | None) -> dict[str, evaluation.Trained]:
+    """The trained routers shipped for the shipped shapes model (none for any other model)."""
+    if name is not None:
+        return {}
+    return {
+        kind: evaluation.read_trained(evaluation.ROUTERS / kind)
+        for kind in ("dpn", "gamma_mod")
+        if (evaluation.ROUTERS / kind).is_dir()
+    }
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -50,9 +83,11 @@ def demo(args: argparse.Namespace) -> None:
         f"{type(model).__name__} ({args.model or evaluation.ASSETS}): {num_layers} decoder layers, "
         f"{visual} visual tokens; {len(samples)} held-out shapes questions, batches of {args.batch}"
     )
+    routers = shipped_routers(args.model)
+    compared = methods(num_layers, visual, model, routers.get("gamma_mod"))
     settings: list[tuple[str, str, tc.Compressor | None]] = [("uncompressed", "-", None)]
     skipped = []
-    for method in tqdm(methods(num_layers, visual), desc="matching budgets"):
+    for method in tqdm(compared, desc="matching budgets"):
         try:
             matched = [evaluation.match_budget(model, prompts, method, t, probe) for t in args.budgets]
         except ValueError as error:  # the method does not fit this model (e.g. too few layers)
@@ -60,16 +95,25 @@ def demo(args: argparse.Namespace) -> None:
             continue
         for value, ratio in matched:
             settings.append((method.name, f"{value:.3g} (FLOPs {ratio:.2f})", method.make(value)))
+    if "dpn" in routers:  # its routers choose the budget: one point, where they land
+        dpn = routers["dpn"]
+        trained = evaluation.with_weights(model, tc.build("dpn", **dpn.params), dpn.weights)
+        settings.append(("DPN (trained routers)", "learned", trained))
     results = evaluation.evaluate(
         model, prompts, settings, samples, args.batch, progress=lambda b: tqdm(b, desc="evaluating")
     )
     table = evaluation.format_table(results, results[0])
     print()
     print(table)
-    for method in methods(num_layers, visual):
+    for method in compared:
         if method.note:
             print(f"note, {method.name}: {method.note}")
-    print("not shown: DPN (its routers need training; see docs/training.md)")
+    if "dpn" in routers:
+        print(
+            f"note, DPN (trained routers): trained by benchmarks/train_routers.py ({routers['dpn'].directory})"
+        )
+    else:
+        print("not shown: DPN (its routers need training; see docs/training.md)")
     for reason in skipped:
         print(f"skipped, {reason}")
     evaluation.pareto_plot(results, results[0], args.plot)

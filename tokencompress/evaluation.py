@@ -7,6 +7,7 @@ matched by analytic prefill FLOPs (decoder, LM head and vision encoder), the cur
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,9 @@ from .synthetic import (
 )
 
 ASSETS = Path(__file__).parent / "assets" / "shapes_llava"
+ROUTERS = (
+    Path(__file__).parent / "assets" / "shapes_llava_routers"
+)  # ASSETS' trained routers: dpn/, gamma_mod/
 TEST_SEED = 1  # the shipped model trained on seed 0
 CHAT_IMAGE_SIZE = 192  # shapes images for chat models (their processors resize them)
 CHAT_INSTRUCTION = "Answer with one word."
@@ -155,6 +159,46 @@ class Result:
     @property
     def average_visual_tokens(self) -> float:
         return sum(self.visual_tokens) / max(len(self.visual_tokens), 1)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One trained compressor saved by `tc.save_pretrained`: its name, parameters and weights (routers)."""
+
+    directory: str
+    name: str
+    params: dict
+    weights: dict[str, Tensor]
+
+
+def read_trained(directory: str | Path) -> Trained:
+    """Read a `tc.save_pretrained` directory that holds one compressor with trained weights."""
+    from safetensors.torch import load_file
+
+    config_path, weights_path = Path(directory) / api.CONFIG_NAME, Path(directory) / api.WEIGHTS_NAME
+    if not config_path.is_file():
+        raise ValueError(f"no {api.CONFIG_NAME} in {directory} (tc.save_pretrained writes it)")
+    saved = json.loads(config_path.read_text()).get("compressors", [])
+    if len(saved) != 1:
+        raise ValueError(
+            f"{directory} holds the pipeline {[c.get('name') for c in saved]}, not one compressor"
+        )
+    if not weights_path.is_file():
+        raise ValueError(f"{directory} has no trained weights ({api.WEIGHTS_NAME})")
+    weights = {key.removeprefix("0."): value for key, value in load_file(weights_path).items()}
+    params = {key: value for key, value in saved[0].items() if key != "name"}
+    return Trained(str(directory), saved[0].get("name"), params, weights)
+
+
+def with_weights(model: nn.Module, compressor: Compressor, weights: dict[str, Tensor]) -> Compressor:
+    """The compressor with trained weights: compressing the model once builds its routers (sized to the model),
+    the weights are loaded (strictly), and the routers stay for every later compress of this instance."""
+    api.compress(model, compressor)
+    try:
+        compressor.load_state_dict(weights)
+    finally:
+        api.uncompress(model)
+    return compressor
 
 
 def load_shapes_model(path: str | Path | None = None) -> tuple[nn.Module, ShapesPrompts]:
