@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from forced_routers import save_forced_dpn
 
 import tokencompress as tc
 from tokencompress import ablation, api, evaluation
@@ -337,20 +337,6 @@ def test_rerun_with_other_samples_is_refused_unless_fresh(resumed, tmp_path, shi
     main(["ablate", str(changed), "--out", str(out), "--fresh"])
     assert [(row["method"], row["samples"]) for row in rows(out)] == [("uncompressed", "4"), ("random", "4")]
     assert sorted(p.name for p in out.glob("config.*")) == ["config.yaml"]
-
-
-def save_forced_dpn(model, directory: Path, expert: int) -> None:
-    """Saved DPN routers that pick `expert` whatever the input: each router's LayerNorm outputs a constant
-    (weight 0, bias 1), so its logits are one fixed vector, large enough at `expert` that its probability is 1."""
-    dpn = tc.DPN()
-    with tc.compressed(model, dpn), torch.no_grad():
-        for router in dpn.routers:
-            router.norm.weight.zero_()
-            router.norm.bias.fill_(1.0)
-            router.down.weight.fill_(1.0 / router.down.in_features)
-            router.up.weight.zero_()
-            router.up.weight[expert] = 1e3
-        tc.save_pretrained(model, directory)
 
 
 def test_pretrained_routers_are_loaded_into_every_setting(tmp_path, shipped, monkeypatch):

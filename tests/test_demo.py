@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from chat_model import save_chat_llava
+from forced_routers import save_forced_dpn
 from PIL import Image
 from transformers import AutoProcessor
 
 import tokencompress as tc
 from tokencompress import evaluation
-from tokencompress.cli import main, methods
+from tokencompress.cli import main, methods, shipped_routers
 from tokencompress.synthetic import QUESTION_TYPES, QwenWordTokenizer, encode, encode_qwen2_vl
 
 
@@ -82,10 +83,41 @@ def test_demo_command_writes_table_and_plot(tmp_path, capsys):
         ]
     )
     rows = table.read_text().strip().splitlines()
-    assert len(rows) == 2 + 1 + len(methods(8, 144))  # header, rule, uncompressed, one per method
+    dpn = "dpn" in shipped_routers(None)  # trained DPN routers: one more row, at the budget they choose
+    assert len(rows) == 2 + 1 + len(methods(8, 144)) + dpn  # header, rule, uncompressed, one per method
     assert rows[2].startswith("| uncompressed |")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_demo_runs_the_shipped_routers(shipped, tmp_path, monkeypatch, capsys):
+    """With trained routers beside the shipped model, the demo runs DPN at the point its routers choose and
+    gamma-MoD with its trained router at the matched budget. DPN routers forced to the identity expert must
+    answer exactly as the uncompressed model, with all 144 visual tokens."""
+    model, _, _ = shipped
+    routers = tmp_path / "routers"
+    save_forced_dpn(model, routers / "dpn", expert=0)
+    with tc.compressed(model, tc.GammaMoD(skip=0.5, mlp_scale="straight_through")):
+        tc.save_pretrained(model, routers / "gamma_mod")
+    monkeypatch.setattr(evaluation, "ROUTERS", routers)
+    table = tmp_path / "demo.md"
+    main(
+        ["demo", "--samples", "20", "--batch", "10", "--budgets", "0.6", "--markdown", str(table)]
+        + ["--plot", str(tmp_path / "demo.png")]
+    )
+    lines = table.read_text().strip().splitlines()
+    header = [cell.strip() for cell in lines[0].split("|")[1:-1]]
+    rows = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[1:-1]] for row in lines[2:]}
+    assert "gamma-MoD (untrained router)" not in rows
+    gamma, dpn, base = rows["gamma-MoD (trained router)"], rows["DPN (trained routers)"], rows["uncompressed"]
+    assert abs(float(gamma[header.index("FLOPs")]) - 0.6) < 0.05
+    for column in ("accuracy", *QUESTION_TYPES):
+        assert dpn[header.index(column)] == base[header.index(column)], column
+    assert dpn[header.index("visual/layer")] == "144.0"
+    out = capsys.readouterr().out
+    assert (
+        f"trained by benchmarks/train_routers.py ({routers / 'dpn'})" in out and "not shown: DPN" not in out
+    )
 
 
 @pytest.mark.parametrize(
