@@ -16,9 +16,9 @@ import json
 
 import torch
 
-from benchmarks.train_shapes import CELL_OF_TOKEN, IMAGE_SIZE, TEST_SEED
+from benchmarks.train_shapes import CELL_OF_TOKEN
 from tokencompress.evaluation import load_shapes_model
-from tokencompress.synthetic import ShapesTask, answer_cell
+from tokencompress.synthetic import IMAGE_SIZE, TEST_SEED, ShapesTask, answer_cell
 
 
 @torch.no_grad()

@@ -25,9 +25,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import tokencompress as tc
-from benchmarks.train_shapes import TRAIN_SEED, model_inputs
+from benchmarks.train_shapes import model_inputs
 from tokencompress.evaluation import load_shapes_model
-from tokencompress.synthetic import IMAGE_SIZE, ShapesTask
+from tokencompress.synthetic import IMAGE_SIZE, TRAIN_SEED, ShapesTask
 
 METHODS = {
     "dpn": lambda args: tc.DPN(loss_weight=args.loss_weight),

@@ -48,6 +48,8 @@ from tokencompress.synthetic import (
     LETTERS,
     QUESTION_TYPES,
     SHAPES,
+    TEST_SEED,
+    TRAIN_SEED,
     QwenWordTokenizer,
     ShapesTask,
     WordTokenizer,
@@ -59,7 +61,6 @@ from tokencompress.synthetic import (
 
 PATCH = 8
 SIDE = IMAGE_SIZE // PATCH
-TRAIN_SEED, TEST_SEED = 0, 1
 CELL_OF_TOKEN = (
     torch.arange(SIDE)[:, None] // (SIDE // 3) * 3 + torch.arange(SIDE)[None, :] // (SIDE // 3)
 ).flatten()

@@ -424,3 +424,16 @@ def test_pretrained_weights_that_do_not_fit_fail_before_evaluation(tmp_path, shi
         "methods[0] (dpn, label 'DPN')" in message and "do not fit" in message and "size mismatch" in message
     )
     assert not spy.prefills and not (tmp_path / "o" / "results.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "seed", "flagged"), [(None, 0, True), (None, 1, False), ("org/chat", 0, False)]
+)
+def test_evaluating_a_shapes_model_on_its_training_split_is_flagged(tmp_path, model, seed, flagged):
+    """Shapes models train on ShapesTask seed 0 whatever their init seed; hub models have no such split."""
+    config = ablation.load_config(
+        write(tmp_path / "c.yaml", **{**SMALL, "seed": seed}, model=model, methods=[GOOD])
+    )
+    notes = ablation._split_warning(config)
+    assert bool(notes) is flagged
+    assert not flagged or "seed 0 is the split this model was trained on" in notes[0]

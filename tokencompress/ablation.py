@@ -29,7 +29,7 @@ from torch import nn
 
 from . import api, evaluation
 from .compressors import Compressor, build, registry
-from .synthetic import QUESTION_TYPES, Sample
+from .synthetic import QUESTION_TYPES, TRAIN_SEED, Sample
 
 TOP_KEYS = ("model", "samples", "batch", "seed", "device", "dtype", "threads", "warmup", "methods")
 ENTRY_KEYS = ("name", "label", "grid", "match", "pretrained")
@@ -852,13 +852,12 @@ def _write_machine(out: Path, config: Config, model: nn.Module, started: str) ->
 
 
 def _split_warning(config: Config) -> list[str]:
-    """A shapes model evaluated on its own training split (training.json's seed) is flagged."""
+    """A shapes model (benchmarks/train_shapes.py writes training.json beside it) evaluated on the split it was
+    trained on is flagged."""
     directory = evaluation.ASSETS if config.model is None else Path(config.model)
-    path = directory / "training.json"
-    if not path.is_file():
+    if not (directory / "training.json").is_file():
         return []
-    trained = json.loads(path.read_text()).get("args", {}).get("seed")
-    if trained == config.seed:
+    if config.seed == TRAIN_SEED:
         return [f"seed {config.seed} is the split this model was trained on: accuracy is training accuracy"]
     return []
 

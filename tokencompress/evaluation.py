@@ -23,6 +23,7 @@ from .compressors import Compressor
 from .synthetic import (
     IMAGE_SIZE,
     QUESTION_TYPES,
+    TEST_SEED,
     QwenWordTokenizer,
     Sample,
     ShapesTask,
@@ -36,7 +37,6 @@ ASSETS = Path(__file__).parent / "assets" / "shapes_llava"
 ROUTERS = (
     Path(__file__).parent / "assets" / "shapes_llava_routers"
 )  # ASSETS' trained routers: dpn/, gamma_mod/
-TEST_SEED = 1  # the shipped model trained on seed 0
 CHAT_IMAGE_SIZE = 192  # shapes images for chat models (their processors resize them)
 CHAT_INSTRUCTION = "Answer with one word."
 

@@ -46,6 +46,7 @@ LETTERS = {  # 5 x 7 bitmaps, drawn scaled up to fill a cell
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 IMAGE_SIZE = 96  # the shipped models' images: 3 x 3 cells of 32 px
+TRAIN_SEED, TEST_SEED = 0, 1  # the shapes models' training split and the held-out one (ShapesTask seeds)
 QUESTION_TYPES = ("background", "count", "colour", "shape", "letter", "left_of")
 GLOBAL_TYPES = ("background", "count")
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
