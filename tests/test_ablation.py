@@ -115,13 +115,24 @@ def test_grid_expands_to_the_exact_product(tmp_path, monkeypatch):
     assert {s.entry.label for s in settings} == {"FastV", "StaticPyramid", "MustDrop"}
 
 
-def test_shipped_config_is_valid(capsys, monkeypatch):
-    """benchmarks/ablations/shapes.yaml validates and lists its 14 settings without loading a model."""
+@pytest.mark.parametrize(
+    ("name", "settings", "matched"),
+    [
+        ("shapes.yaml", 19, {"keep": 6, "budget": 3}),
+        ("shapes_batch1.yaml", 3, {}),
+        ("shapes_qwen2_vl.yaml", 14, {"keep": 6, "budget": 3}),
+    ],
+)
+def test_shipped_configs_are_valid(capsys, monkeypatch, name, settings, matched):
+    """The configs in benchmarks/ablations validate (the shipped routers load) and list their settings without
+    loading a model."""
+    monkeypatch.chdir(REPO)
     monkeypatch.setattr(evaluation, "load_model", lambda *a, **k: pytest.fail("no model work expected"))
-    main(["ablate", str(REPO / "benchmarks/ablations/shapes.yaml"), "--dry-run"])
+    main(["ablate", str(REPO / "benchmarks/ablations" / name), "--dry-run"])
     out = capsys.readouterr().out
-    assert "14 settings + the uncompressed baseline" in out
-    assert out.count("keep matched") == 6 and out.count("budget matched") == 3
+    assert f"{settings} settings + the uncompressed baseline" in out
+    for knob, count in matched.items():
+        assert out.count(f"{knob} matched") == count
 
 
 GOOD = {"name": "fastv", "grid": {"keep": 0.5}}
