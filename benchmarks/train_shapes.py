@@ -347,6 +347,9 @@ class ProjectorTeacher:
 def train(args: argparse.Namespace) -> None:
     if args.left_of_weight < 1:
         raise ValueError(f"--left-of-weight must be a positive integer, got {args.left_of_weight}")
+    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
+        raise ValueError(f"--stop-at must be in 1..--steps ({args.steps}), got {args.stop_at}")
+    steps = args.steps if args.stop_at is None else args.stop_at
     torch.set_num_threads(args.threads)
     if args.out is None:
         args.out = DEFAULT_OUT[args.arch]
@@ -381,7 +384,7 @@ def train(args: argparse.Namespace) -> None:
     task, test = ShapesTask(TRAIN_SEED, IMAGE_SIZE, asked), ShapesTask(TEST_SEED, IMAGE_SIZE)
     started, log = time.time(), []
     model.train()
-    for step in range(args.steps):
+    for step in range(steps):
         first = args.data_offset + step * args.batch
         indices = range(first, first + args.batch)
         samples = [task.sample(i) for i in indices]
@@ -417,7 +420,7 @@ def train(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == steps - 1:
             entry = {
                 "step": step,
                 "answer_loss": out.loss.item(),
@@ -425,11 +428,11 @@ def train(args: argparse.Namespace) -> None:
                 **({"attend_loss": attend.item()} if supervised else {}),
                 "minutes": (time.time() - started) / 60,
             }
-            if step % args.eval_every == 0 or step == args.steps - 1:
+            if step % args.eval_every == 0 or step == steps - 1:
                 entry["test"] = evaluate(model, tokenizer, test, args.eval_samples)
             log.append(entry)
             print(json.dumps(entry), flush=True)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
             save(model, args, {"args": vars(args), "saved_at_step": step + 1, "log": log})
     scores = evaluate(model, tokenizer, test, args.final_samples)
     minutes = (time.time() - started) / 60
@@ -512,6 +515,12 @@ def main() -> None:
         type=int,
         default=1,
         help="draw left_of questions this many times as often in training (the held-out split stays uniform)",
+    )
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this many steps of the --steps schedule (the learning rate follows the full schedule)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(

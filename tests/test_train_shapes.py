@@ -146,3 +146,27 @@ def test_distillation_target_is_what_the_teacher_decoder_reads(tmp_path):
     expected = received["embeds"][image].reshape(2, 144, -1)
     torch.testing.assert_close(teacher.features(samples), expected)
     assert teacher.loss(samples, expected.reshape(-1, expected.shape[-1])) == 0
+
+
+def test_stop_at_reproduces_an_interrupted_run(tmp_path, monkeypatch):
+    """`--steps 4 --stop-at 2` ends with the weights a 4-step run saved at step 2 (`--save-every 2`): the same
+    data, the same learning-rate schedule, cut short (how an interrupted stage is reproduced)."""
+    import sys
+
+    from benchmarks import train_shapes
+
+    saved = []
+
+    def capture(model, args, record):
+        saved.append((record.get("saved_at_step"), {k: v.clone() for k, v in model.state_dict().items()}))
+
+    monkeypatch.setattr(train_shapes, "save", capture)
+    common = ["--steps", "4", "--batch", "2", "--eval-samples", "4", "--final-samples", "4", "--threads", "1"]
+    for extra in (["--save-every", "2"], ["--stop-at", "2"]):
+        monkeypatch.setattr(sys, "argv", ["train_shapes", *common, *extra, "--out", str(tmp_path)])
+        train_shapes.main()
+    (at_two, interrupted), (_, finished), (_, stopped) = saved
+    assert at_two == 2
+    for key, value in stopped.items():
+        torch.testing.assert_close(value, interrupted[key], rtol=0, atol=0)
+    assert any(not torch.equal(finished[k], stopped[k]) for k in stopped)  # the full run went on
