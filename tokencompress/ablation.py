@@ -5,7 +5,8 @@ The config (YAML, or JSON by extension) is validated whole before any model work
 compressor names, invalid parameters (every compressor is built up front) and, once the model is loaded but before
 anything is evaluated, compressors that do not fit it. Each setting's latency is measured against the uncompressed
 model batch by batch (interleaved, alternating which runs first), so a ratio stays fair when a run is resumed on
-another day. docs/ablations.md describes the config, the columns and resuming.
+another day. An entry's `pretrained: DIR` loads trained routers (tc.save_pretrained) into its settings.
+docs/ablations.md describes the config, the columns and resuming.
 """
 
 from __future__ import annotations
