@@ -50,6 +50,19 @@ def test_shipped_model_beats_chance(shipped):
     assert result.type_accuracy("background") > 0.5
 
 
+def test_shipped_qwen2_vl_beats_chance():
+    """The shipped Qwen2-VL weights load with their prompts and answer the global questions (background colour:
+    4 choices; count: 5) far above chance."""
+    model, prompts = evaluation.load_shapes_model(evaluation.ASSETS.parent / "shapes_qwen2_vl")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    samples = evaluation.held_out_samples(40, prompts.image_size)
+    result = evaluation.Result("uncompressed", "-")
+    evaluation.run_batch(model, prompts, samples, result)
+    for qtype in ("background", "count"):
+        assert result.total.get(qtype, 0) >= 3
+        assert result.type_accuracy(qtype) > 0.6
+
+
 @pytest.mark.parametrize("index", [0, 3])  # FastV and MustDrop
 def test_match_budget_reaches_the_target(shipped, index):
     model, prompts, samples = shipped
