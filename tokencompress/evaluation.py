@@ -34,9 +34,8 @@ from .synthetic import (
 )
 
 ASSETS = Path(__file__).parent / "assets" / "shapes_llava"
-ROUTERS = (
-    Path(__file__).parent / "assets" / "shapes_llava_routers"
-)  # ASSETS' trained routers: dpn/, gamma_mod/
+# routers trained on ASSETS (benchmarks/train_routers.py): dpn/, gamma_mod/
+ROUTERS = Path(__file__).parent / "assets" / "shapes_llava_routers"
 CHAT_IMAGE_SIZE = 192  # shapes images for chat models (their processors resize them)
 CHAT_INSTRUCTION = "Answer with one word."
 
