@@ -1,7 +1,7 @@
 """Train DPN's or gamma-MoD's routers on a shapes model with HF Trainer (the model frozen), for the ablation.
 
-python -m benchmarks.train_routers --method dpn --out tokencompress/assets/shapes_llava_dpn
-python -m benchmarks.train_routers --method gamma_mod --out tokencompress/assets/shapes_llava_gamma_mod
+python -m benchmarks.train_routers --method dpn --out tokencompress/assets/shapes_llava_routers/dpn
+python -m benchmarks.train_routers --method gamma_mod --out tokencompress/assets/shapes_llava_routers/gamma_mod
 
 The recipe of docs/training.md on the shapes task: `tc.compress` builds the routers, every model parameter is
 frozen, and Trainer minimises the answer loss plus the compressor's routing loss (which `forward` adds) on
@@ -29,11 +29,15 @@ from benchmarks.train_shapes import model_inputs
 from tokencompress.evaluation import load_shapes_model
 from tokencompress.synthetic import IMAGE_SIZE, TRAIN_SEED, ShapesTask
 
+
+def _loss_weight(args) -> dict:
+    """--loss-weight when given; otherwise the compressor's own default."""
+    return {} if args.loss_weight is None else {"loss_weight": args.loss_weight}
+
+
 METHODS = {
-    "dpn": lambda args: tc.DPN(loss_weight=args.loss_weight),
-    "gamma_mod": lambda args: tc.GammaMoD(
-        skip=args.skip, loss_weight=args.loss_weight, mlp_scale="straight_through"
-    ),
+    "dpn": lambda args: tc.DPN(**_loss_weight(args)),
+    "gamma_mod": lambda args: tc.GammaMoD(skip=args.skip, mlp_scale="straight_through", **_loss_weight(args)),
 }
 
 
@@ -111,8 +115,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.loss_weight is None:
-        args.loss_weight = {"dpn": 1e-3, "gamma_mod": 0.01}[args.method]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, prompts = load_shapes_model(args.model)

@@ -7,9 +7,10 @@ A LlavaForConditionalGeneration built from configs (CLIP 96 px / 8 px patches = 
 grid, 3 x 3 cells of 4 x 4 tokens; a LLaMA decoder), trained from scratch on CPU: the answer's cross-entropy
 (answer word and </s>), an auxiliary per-token loss in which every image token, as the decoder receives it,
 predicts what is in its cell (colour, object; `--where` its place, `--left-neighbour` its left neighbour's object,
-`--right-neighbour` its right neighbour's colour and object; linear heads, dropped after training), and optionally supervised attention heads (`--attend-layer`: toward the
-answer's cell; `--attend-object-layer`: toward the object a left_of question names), whose bias in favour of
-attention-based pruning benchmarks/answer_cell_retention.py measures. `--questions K` asks K questions per image
+`--right-neighbour` its right neighbour's colour and object; linear heads, dropped after training), and
+optionally supervised attention heads (`--attend-layer`: toward the answer's cell; `--attend-object-layer`:
+toward the object a left_of question names), whose bias in favour of attention-based pruning
+benchmarks/answer_cell_retention.py measures. `--questions K` asks K questions per image
 in one sequence (turns after the first see the earlier turns; evaluation asks one), which shares the cost of the
 144 image tokens among K answers. The shipped model's stages: benchmarks/reproduce_shapes_llava.sh.
 

@@ -151,8 +151,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
         os.remove(path)  # a stale file from an earlier pipeline would be loaded with this one
 
 
-def from_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Re-apply a saved pipeline, with its trained weights, to a freshly loaded base model."""
+def read_saved(directory: str | os.PathLike) -> tuple[list[dict], dict | None]:
+    """What tc.save_pretrained wrote: the pipeline's compressor configs, and the weights (on CPU) keyed
+    "<place>.<name>" (None when it has no trainable compressor, hence no weights file)."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!s}; was it written by tc.save_pretrained?")
@@ -162,15 +163,20 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Module
         raise ValueError(
             f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
-    adapter, pipeline = _prepare(model, [Compressor.from_dict(item) for item in config["compressors"]])
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    weights = load_file(weights_path) if os.path.isfile(weights_path) else None
+    return config["compressors"], weights
+
+
+def from_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Re-apply a saved pipeline, with its trained weights, to a freshly loaded base model."""
+    saved, weights = read_saved(directory)
+    adapter, pipeline = _prepare(model, [Compressor.from_dict(item) for item in saved])
     trainable = {place: item for place, item in enumerate(pipeline) if isinstance(item, nn.Module)}
     if trainable:
-        weights_path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(weights_path):
+        if weights is None:
             raise FileNotFoundError(f"{directory!s} has trainable compressors but no {WEIGHTS_NAME}")
-        device = next(adapter.language_model.parameters()).device
-        weights = load_file(weights_path, device=str(device))
-        for place, item in trainable.items():
+        for place, item in trainable.items():  # load_state_dict copies onto the routers' device
             prefix = f"{place}."
             item.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
     return _attach(model, adapter, pipeline)

@@ -7,7 +7,6 @@ matched by analytic prefill FLOPs (decoder, LM head and vision encoder), the cur
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -172,19 +171,17 @@ class Trained:
 
 def read_trained(directory: str | Path) -> Trained:
     """Read a `tc.save_pretrained` directory that holds one compressor with trained weights."""
-    from safetensors.torch import load_file
-
-    config_path, weights_path = Path(directory) / api.CONFIG_NAME, Path(directory) / api.WEIGHTS_NAME
-    if not config_path.is_file():
-        raise ValueError(f"no {api.CONFIG_NAME} in {directory} (tc.save_pretrained writes it)")
-    saved = json.loads(config_path.read_text()).get("compressors", [])
+    try:
+        saved, weights = api.read_saved(directory)
+    except FileNotFoundError as error:
+        raise ValueError(str(error)) from error
     if len(saved) != 1:
         raise ValueError(
             f"{directory} holds the pipeline {[c.get('name') for c in saved]}, not one compressor"
         )
-    if not weights_path.is_file():
+    if weights is None:
         raise ValueError(f"{directory} has no trained weights ({api.WEIGHTS_NAME})")
-    weights = {key.removeprefix("0."): value for key, value in load_file(weights_path).items()}
+    weights = {key.removeprefix("0."): value for key, value in weights.items()}
     params = {key: value for key, value in saved[0].items() if key != "name"}
     return Trained(str(directory), saved[0].get("name"), params, weights)
 
