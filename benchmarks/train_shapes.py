@@ -348,6 +348,8 @@ class ProjectorTeacher:
 def train(args: argparse.Namespace) -> None:
     if args.left_of_weight < 1:
         raise ValueError(f"--left-of-weight must be a positive integer, got {args.left_of_weight}")
+    if args.object_questions < 0:
+        raise ValueError(f"--object-questions must be >= 0, got {args.object_questions}")
     if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
         raise ValueError(f"--stop-at must be in 1..--steps ({args.steps}), got {args.stop_at}")
     steps = args.steps if args.stop_at is None else args.stop_at
@@ -381,7 +383,7 @@ def train(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
     # a question type listed k times is drawn k times as often (ShapesTask draws uniformly from its list)
-    asked = QUESTION_TYPES + ("left_of",) * (args.left_of_weight - 1)
+    asked = QUESTION_TYPES + ("left_of",) * (args.left_of_weight - 1) + ("object",) * args.object_questions
     task, test = ShapesTask(TRAIN_SEED, IMAGE_SIZE, asked), ShapesTask(TEST_SEED, IMAGE_SIZE)
     started, log = time.time(), []
     model.train()
@@ -516,6 +518,13 @@ def main() -> None:
         type=int,
         default=1,
         help="draw left_of questions this many times as often in training (the held-out split stays uniform)",
+    )
+    parser.add_argument(
+        "--object-questions",
+        type=int,
+        default=0,
+        help='also ask the training-only "what is in the <place> cell ?" (answer: its shape or letter-x noun), '
+        "weighted like --left-of-weight (0: never; the held-out split never asks it)",
     )
     parser.add_argument(
         "--stop-at",

@@ -22,9 +22,11 @@ from tokencompress.synthetic import (
     QUESTION_TYPES,
     QWEN_SPECIAL,
     SHAPES,
+    TRAINING_TYPES,
     QwenWordTokenizer,
     ShapesTask,
     WordTokenizer,
+    answer_cell,
     cell_targets,
     encode,
     encode_qwen2_vl,
@@ -117,6 +119,32 @@ def test_every_question_type_appears_and_tokenizes():
         assert len(tokenizer.encode(sample.answer)) == 1  # one-word answers
     assert set(counts) == set(QUESTION_TYPES)
     assert sum(counts[q] for q in GLOBAL_TYPES) < 0.5 * sum(counts.values())  # most need fine detail
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_training_only_object_questions_name_what_the_pixels_show(index):
+    """ "what is in the <place> cell ?" (training only): the cell's pixels of the object's colour draw exactly the
+    answer noun's mask (a shape, or the letter-x word left_of answers with), the answer cell is that place, and
+    the question and answer tokenize without unknown words."""
+    from tokencompress.synthetic import Item, _item_mask
+
+    sample = ShapesTask(seed=4, question_types=("object",)).sample(index)
+    place = next(i for i, p in enumerate(PLACES) if sample.question == f"what is in the {p} cell ?")
+    item = sample.cells[place]
+    drawn = close_to(cell_pixels(sample.image, place), COLOURS[item.colour]).view(CELL, CELL)
+    kind, name = (
+        ("letter", sample.answer[7:]) if sample.answer.startswith("letter-") else ("shape", sample.answer)
+    )
+    assert (drawn == _item_mask(Item(kind, name, item.colour), CELL)).float().mean() > 0.97
+    assert answer_cell(sample) == place
+    ids = WordTokenizer().encode(sample.question + " " + sample.answer)
+    assert WordTokenizer().unk_token_id not in ids and len(WordTokenizer().encode(sample.answer)) == 1
+
+
+def test_held_out_split_never_asks_training_only_types():
+    task = ShapesTask(seed=1)
+    assert not {task.sample(i).qtype for i in range(300)} & set(TRAINING_TYPES)
+    assert not set(TRAINING_TYPES) & set(QUESTION_TYPES)
 
 
 def test_question_type_subset_and_bad_arguments():

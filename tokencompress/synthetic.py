@@ -48,6 +48,9 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 IMAGE_SIZE = 96  # the shipped models' images: 3 x 3 cells of 32 px
 TRAIN_SEED, TEST_SEED = 0, 1  # the shapes models' training split and the held-out one (ShapesTask seeds)
 QUESTION_TYPES = ("background", "count", "colour", "shape", "letter", "left_of")
+# asked in training only, never in the held-out split: "what is in the <place> cell ?" -> its noun (a shape or
+# letter-x word, the words left_of answers with, which left_of alone teaches otherwise)
+TRAINING_TYPES = ("object",)
 GLOBAL_TYPES = ("background", "count")
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 # Qwen2-VL's placeholders, appended after the word vocabulary by QwenWordTokenizer only (the LLaVA ids stay put)
@@ -83,9 +86,11 @@ class ShapesTask:
     ):
         if image_size % 3:
             raise ValueError(f"image_size must be a multiple of 3 (a 3 x 3 grid of cells), got {image_size}")
-        unknown = set(question_types) - set(QUESTION_TYPES)
+        unknown = set(question_types) - set(QUESTION_TYPES + TRAINING_TYPES)
         if unknown:
-            raise ValueError(f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES}")
+            raise ValueError(
+                f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES + TRAINING_TYPES}"
+            )
         self.seed, self.image_size, self.question_types = seed, image_size, tuple(question_types)
 
     def sample(self, index: int) -> Sample:
@@ -131,10 +136,13 @@ class ShapesTask:
             target = cells[right]
             return f"what is left of the {target.colour} {_noun(target)} ?", _noun(cells[left])
         kind = "letter" if qtype == "letter" else "shape"
-        choices = [i for i, c in enumerate(cells) if c is not None and (c.kind == kind or qtype == "colour")]
+        any_kind = qtype in ("colour", "object")
+        choices = [i for i, c in enumerate(cells) if c is not None and (c.kind == kind or any_kind)]
         place = rng.choice(choices)
         item = cells[place]
         where = f"in the {PLACES[place]} cell"
+        if qtype == "object":
+            return f"what is {where} ?", _noun(item)
         if qtype == "colour":
             return f"what colour is the object {where} ?", item.colour
         if qtype == "shape":
@@ -222,6 +230,7 @@ class WordTokenizer:
             "what shape is in the cell ?",
             "what letter is in the cell ?",
             "what is left of the ?",
+            "what is in the cell ?",
             "question : answer :",
         ):
             words.update(template.split())
@@ -419,7 +428,7 @@ def cell_targets(samples: list[Sample], side: int) -> tuple[Tensor, Tensor]:
 def answer_cell(sample: Sample) -> int | None:
     """The cell (0..8, row-major) whose content answers the question: the named cell, or for "what is left of
     the <colour> <object>" the cell left of that object; None for the global questions."""
-    if sample.qtype in ("colour", "shape", "letter"):
+    if sample.qtype in ("colour", "shape", "letter", "object"):
         place = sample.question.split(" in the ", 1)[1].removesuffix(" cell ?")
         return PLACES.index(place)
     if sample.qtype == "left_of":
