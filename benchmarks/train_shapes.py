@@ -373,10 +373,11 @@ def train(args: argparse.Namespace) -> None:
     if args.attend_layer is not None:
         supervised.append(AnswerCellAttention(model, args.attend_layer, args.attend_head))
     if args.attend_object_layer is not None:
-        object_head = args.attend_head if args.attend_object_head is None else args.attend_object_head
-        supervised.append(
-            AnswerCellAttention(model, args.attend_object_layer, object_head, named_object_cell)
-        )
+        object_heads = args.attend_object_head or [args.attend_head]
+        for object_head in object_heads:
+            supervised.append(
+                AnswerCellAttention(model, args.attend_object_layer, object_head, named_object_cell)
+            )
     features = {}
     image_token_features(model, features)
     parameters = list(model.parameters()) + list(heads.parameters())
@@ -498,8 +499,9 @@ def main() -> None:
     parser.add_argument(
         "--attend-object-head",
         type=int,
+        nargs="+",
         default=None,
-        help="the head of --attend-object-layer (default: --attend-head)",
+        help="the head (or heads, each supervised alike) of --attend-object-layer (default: --attend-head)",
     )
     parser.add_argument("--attend-weight", type=float, default=1.0)
     parser.add_argument("--where", action="store_true", help="also predict each image token's cell")
