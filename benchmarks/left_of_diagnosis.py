@@ -6,7 +6,8 @@ python -m benchmarks.left_of_diagnosis --model tokencompress/assets/shapes_llava
 Held-out left_of questions only (seed 1), eager attention, from the last prompt position: the attention mass of
 head `--answer-head` of layer `--layer` on the answer's 16 tokens and of `--object-head` on the named object's,
 the accuracy split by whether the answer head puts more than half its attention on the answer's cell, and the
-accuracy by the kind of answer (a shape, or a `letter-x` word, which only left_of questions teach).
+accuracy by the kind of answer (a shape, or a `letter-x` word), and by the number of objects in the image, with
+how often the object head finds the named object (> 0.5 of its attention on it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def diagnose(
     task = ShapesTask(TEST_SEED, IMAGE_SIZE, question_types=("left_of",))
     right = {"shape": [0, 0], "letter": [0, 0], "found": [0, 0], "missed": [0, 0]}
     answer_mass, object_mass = [], []
+    by_objects: dict[int, list[int]] = {}  # objects in the image -> [right, object head found it, total]
     for start in range(0, samples, batch):
         chunk = [task.sample(i) for i in range(start, min(samples, start + batch))]
         inputs = prompts.inputs(chunk)
@@ -49,12 +51,19 @@ def diagnose(
             for key in (kind, found):
                 right[key][0] += hit
                 right[key][1] += 1
+            objects = by_objects.setdefault(sum(c is not None for c in sample.cells), [0, 0, 0])
+            objects[0] += hit
+            objects[1] += object_mass[-1] > 0.5
+            objects[2] += 1
     return {
         "questions": samples,
         "accuracy": (right["shape"][0] + right["letter"][0]) / samples,
         "answer_head_mass_on_answer_cell": sum(answer_mass) / samples,
         "object_head_mass_on_named_object": sum(object_mass) / samples,
         **{f"{key} (right, total)": value for key, value in right.items()},
+        "by objects in the image (right, object head > 0.5 on the named object, total)": {
+            n: by_objects[n] for n in sorted(by_objects)
+        },
     }
 
 
