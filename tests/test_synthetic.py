@@ -123,7 +123,7 @@ def test_every_question_type_appears_and_tokenizes():
 
 @pytest.mark.parametrize("index", range(12))
 def test_training_only_object_questions_name_what_the_pixels_show(index):
-    """ "what is in the <place> cell ?" (training only): the cell's pixels of the object's colour draw exactly the
+    """Training-only "what is in the <place> cell ?": the cell's pixels of the object's colour draw exactly the
     answer noun's mask (a shape, or the letter-x word left_of answers with), the answer cell is that place, and
     the question and answer tokenize without unknown words."""
     from tokencompress.synthetic import Item, _item_mask
