@@ -79,7 +79,8 @@ class Sample:
 class ShapesTask:
     """`task.sample(i)` for i = 0, 1, ...: the seed picks the split (train and test use different seeds).
     Question types are drawn uniformly from `question_types` among those the image can answer, so a type listed
-    twice is asked twice as often (training uses that to weight the hardest type)."""
+    twice is asked twice as often (training uses that to weight the hardest type). TRAINING_TYPES may be listed
+    too; the default (QUESTION_TYPES, the held-out split's) never asks them."""
 
     def __init__(
         self, seed: int = 0, image_size: int = IMAGE_SIZE, question_types: tuple[str, ...] = QUESTION_TYPES
