@@ -20,7 +20,9 @@ on a 12 x 12 grid), prompted `<s> <|vision_start|> <|image_pad|> x 144 <|vision_
 word tokenizer plus Qwen's placeholders (QwenWordTokenizer, encode_qwen2_vl). The auxiliary heads read the
 visual merger's output, whose tokens are in raster order on the merged 12 x 12 grid. On CPU it can start from a
 trained shapes LLaVA: `--init-decoder-from` copies the decoder, `--distill-from` pulls its image tokens toward
-that LLaVA's projector output.
+that LLaVA's projector output. The other way, `--arch llava --init-decoder-from QWEN2_VL_DIR` gives the LLaVA's
+LLaMA decoder attention biases (`attention_bias`) and copies a trained Qwen2-VL's decoder into it; with
+`--init-from` the vision tower and projector come from that saved LLaVA.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -93,7 +97,10 @@ def decoder_size(tokenizer: WordTokenizer) -> dict:
     )
 
 
-def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(
+    tokenizer: WordTokenizer, seed: int = 0, attention_bias: bool = False
+) -> LlavaForConditionalGeneration:
+    """`attention_bias`: q/k/v/o biases in the LLaMA decoder, so that it can take a Qwen2 decoder's weights."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=128,
@@ -103,7 +110,7 @@ def build_model(tokenizer: WordTokenizer, seed: int = 0) -> LlavaForConditionalG
         image_size=IMAGE_SIZE,
         patch_size=PATCH,
     )
-    text = LlamaConfig(**decoder_size(tokenizer))
+    text = LlamaConfig(**decoder_size(tokenizer), attention_bias=attention_bias)
     config = LlavaConfig(
         text_config=text,
         vision_config=vision,
@@ -303,27 +310,42 @@ def named_object_cell(sample) -> int | None:
     return answer_cell(sample) + 1 if sample.qtype == "left_of" else None
 
 
-def copy_decoder(model: nn.Module, source: LlavaForConditionalGeneration) -> int:
-    """Starts `model`'s decoder and LM head from a trained shapes LLaVA's (`--init-decoder-from`): same sizes and
-    parameter names (Qwen2 layers are LLaMA layers plus q/k/v biases, which keep their zero start); the word
+def decoder_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The decoder's and LM head's parameters, by name (the same names in both architectures)."""
+    return {
+        name: value
+        for name, value in model.named_parameters()
+        if name.startswith(("model.language_model.", "lm_head."))
+    }
+
+
+def copy_decoder(model: nn.Module, source: nn.Module) -> int:
+    """Starts `model`'s decoder and LM head from another trained shapes model's (`--init-decoder-from`), either
+    way between the architectures: same sizes and parameter names (Qwen2 layers are LLaMA layers plus q/k/v
+    biases). A bias the source lacks starts at zero (Qwen2's q/k/v biases from a LLaVA; the output bias of a LLaMA
+    with `attention_bias` from a Qwen2-VL), so the copy computes the source's function on text. The word
     embeddings and LM head rows of the shared vocabulary are copied (QwenWordTokenizer appends its placeholders
-    after it). The vision tower and merger still start from scratch. Returns the number of tensors copied."""
-    target = dict(model.named_parameters())
-    copied = 0
+    after it). The vision side is left as it is. Returns the number of tensors copied."""
+    target, given = decoder_parameters(model), decoder_parameters(source)
+    shared = len(WordTokenizer())
+    for name, value in given.items():  # check everything before changing anything
+        if name not in target:
+            raise ValueError(f"{name} of the source has no counterpart in {type(model).__name__}")
+        words = name.endswith("embed_tokens.weight") or name.startswith("lm_head.")
+        rows = min(value.shape[0], target[name].shape[0])
+        same_rows = rows >= shared if words else value.shape[0] == target[name].shape[0]
+        if target[name].shape[1:] != value.shape[1:] or not same_rows:
+            raise ValueError(f"{name}: source {tuple(value.shape)} does not fit {tuple(target[name].shape)}")
+    unmatched = [name for name in target if name not in given]
+    if any(not name.endswith(".bias") for name in unmatched):
+        raise ValueError(f"{unmatched} of {type(model).__name__} have no counterpart in the source")
     with torch.no_grad():
-        for name, value in source.named_parameters():
-            if not name.startswith(("model.language_model.", "lm_head.")):
-                continue
-            if name not in target:
-                raise ValueError(f"{name} of the source has no counterpart in {type(model).__name__}")
-            rows = value.shape[0]
-            if target[name].shape[1:] != value.shape[1:] or target[name].shape[0] < rows:
-                raise ValueError(
-                    f"{name}: source {tuple(value.shape)} does not fit {tuple(target[name].shape)}"
-                )
-            target[name][:rows].copy_(value.float())
-            copied += 1
-    return copied
+        for name, value in given.items():
+            rows = min(value.shape[0], target[name].shape[0])
+            target[name][:rows].copy_(value[:rows].float())
+        for name in unmatched:
+            target[name].zero_()
+    return len(given)
 
 
 class ProjectorTeacher:
@@ -356,16 +378,24 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.out is None:
         args.out = DEFAULT_OUT[args.arch]
+    decoder_source = None
+    if args.init_decoder_from:
+        decoder_source = AutoModelForImageTextToText.from_pretrained(args.init_decoder_from)
+    # a LLaMA decoder takes a Qwen2 decoder's q/k/v biases only with attention_bias
+    biased = args.arch == "llava" and isinstance(decoder_source, Qwen2VLForConditionalGeneration)
     if args.arch == "qwen2_vl":
         tokenizer = QwenWordTokenizer()
         model = build_qwen2_vl(tokenizer, args.seed)
     else:
         tokenizer = WordTokenizer()
-        model = build_model(tokenizer, args.seed)
+        model = build_model(tokenizer, args.seed, attention_bias=biased)
     if args.init_from:  # continue training saved weights (fp16 on disk, trained in fp32)
-        model = type(model).from_pretrained(args.init_from, dtype=torch.float32)
-    elif args.init_decoder_from:
-        copied = copy_decoder(model, LlavaForConditionalGeneration.from_pretrained(args.init_decoder_from))
+        config = AutoConfig.from_pretrained(args.init_from)
+        if biased:
+            config.text_config.attention_bias = True
+        model = type(model).from_pretrained(args.init_from, config=config, dtype=torch.float32)
+    if decoder_source is not None:  # after --init-from: its decoder is replaced, its vision side kept
+        copied = copy_decoder(model, decoder_source)
         print(json.dumps({"decoder_tensors_copied": copied}), flush=True)
     heads = CellHeads(model.config.text_config.hidden_size)
     teacher = ProjectorTeacher(args.distill_from) if args.distill_from else None
@@ -472,7 +502,8 @@ def main() -> None:
     parser.add_argument(
         "--init-decoder-from",
         default=None,
-        help="a saved shapes LLaVA whose decoder and LM head start this model's (e.g. --arch qwen2_vl)",
+        help="a saved shapes model (LLaVA or Qwen2-VL) whose decoder and LM head start this model's, after "
+        "--init-from if both are given",
     )
     parser.add_argument(
         "--data-offset",

@@ -170,3 +170,68 @@ def test_stop_at_reproduces_an_interrupted_run(tmp_path, monkeypatch):
     for key, value in stopped.items():
         torch.testing.assert_close(value, interrupted[key], rtol=0, atol=0)
     assert any(not torch.equal(finished[k], stopped[k]) for k in stopped)  # the full run went on
+
+
+def _qwen2_vl_with_biases(seed):
+    """A Qwen2-VL whose q/k/v biases are not zero, so that a copy that dropped them would show."""
+    model = build_qwen2_vl(QwenWordTokenizer(), seed=seed).eval()
+    with torch.no_grad():
+        for name, value in model.named_parameters():
+            if name.startswith("model.language_model.") and name.endswith("_proj.bias"):
+                value.normal_(std=0.1)
+    return model
+
+
+def test_llava_decoder_from_a_qwen2_vl_reproduces_its_text_logits():
+    """The other way: a LLaVA whose LLaMA decoder has attention biases, started from a Qwen2-VL's decoder, gives
+    the Qwen2-VL's logits on text over the shared vocabulary (its placeholders' rows are left out). Without
+    attention biases the copy is refused and nothing is changed."""
+    source = _qwen2_vl_with_biases(seed=5)
+    model = build_model(WordTokenizer(), seed=6, attention_bias=True).eval()
+    copy_decoder(model, source)
+    ids = torch.tensor([WordTokenizer().encode("question : what is left of the red circle ? answer :")])
+    with torch.no_grad():
+        expected = source(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert got.shape[-1] == len(WordTokenizer()) < expected.shape[-1]
+    torch.testing.assert_close(got, expected[..., : got.shape[-1]], atol=1e-4, rtol=1e-4)
+    unbiased = build_model(WordTokenizer(), seed=6).eval()
+    before = {k: v.clone() for k, v in unbiased.state_dict().items()}
+    with pytest.raises(ValueError, match="q_proj.bias of the source has no counterpart"):
+        copy_decoder(unbiased, source)
+    assert all(torch.equal(before[k], v) for k, v in unbiased.state_dict().items())
+
+
+def test_init_from_then_decoder_from_a_qwen2_vl(tmp_path, monkeypatch):
+    """`--arch llava --init-from LLAVA --init-decoder-from QWEN2_VL` trains a LLaVA whose vision tower and
+    projector are the saved LLaVA's and whose decoder is the Qwen2-VL's (checked after one step at lr 0)."""
+    import sys
+
+    from benchmarks import train_shapes
+
+    llava, qwen = build_model(WordTokenizer(), seed=7), _qwen2_vl_with_biases(seed=8)
+    llava.save_pretrained(tmp_path / "llava")
+    qwen.save_pretrained(tmp_path / "qwen")
+    saved = []
+    monkeypatch.setattr(train_shapes, "save", lambda model, args, record: saved.append(model))
+    argv = [
+        "--init-from",
+        str(tmp_path / "llava"),
+        "--init-decoder-from",
+        str(tmp_path / "qwen"),
+        "--lr",
+        "0",
+    ]
+    small = ["--steps", "1", "--batch", "2", "--eval-samples", "2", "--final-samples", "2", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", ["train_shapes", *argv, *small, "--out", str(tmp_path / "out")])
+    train_shapes.main()
+    (model,) = saved
+    assert model.config.text_config.attention_bias
+    trained = model.state_dict()
+    for name, value in llava.state_dict().items():
+        if not name.startswith(("model.language_model.", "lm_head.")):
+            torch.testing.assert_close(trained[name], value, rtol=0, atol=0)
+    for name, value in qwen.state_dict().items():
+        if name.startswith(("model.language_model.", "lm_head.")):
+            torch.testing.assert_close(trained[name], value[: trained[name].shape[0]], rtol=0, atol=0)
+    assert not trained["model.language_model.layers.0.self_attn.o_proj.bias"].any()
