@@ -12,7 +12,7 @@ optionally supervised attention heads (`--attend-layer`: toward the answer's cel
 toward the object a left_of question names), whose bias in favour of attention-based pruning
 benchmarks/answer_cell_retention.py measures. `--questions K` asks K questions per image
 in one sequence (turns after the first see the earlier turns; evaluation asks one), which shares the cost of the
-144 image tokens among K answers. The shipped model's stages: benchmarks/reproduce_shapes_llava.sh.
+144 image tokens among K answers. The shipped models' stages: benchmarks/reproduce_shapes.sh.
 
 `--arch qwen2_vl`: a Qwen2VLForConditionalGeneration of the same decoder size (Qwen2 layers with M-RoPE) and a
 Qwen2-VL vision tower (4 x 4 px patches x 2 frames, 2 x 2 spatial merge: 24 x 24 patches -> the same 144 tokens
