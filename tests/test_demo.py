@@ -232,3 +232,33 @@ def test_demo_runs_on_a_shapes_qwen2_vl(shapes_qwen, tmp_path):
     flops = {row.split("|")[1].strip(): float(row.split("|")[-5]) for row in rows[3:]}
     assert flops.pop("MustDrop") < 0.75
     assert all(abs(f - 0.7) < 0.05 for f in flops.values()), flops
+
+
+def test_budgets_out_of_reach_are_reported_once(tmp_path, capsys):
+    """FLOPs targets under every method's floor (FastV keeps at least one token after layer 2: about 0.43 of the
+    FLOPs here) all match that floor: the demo evaluates it once per method and says which targets it missed."""
+    table = tmp_path / "demo.md"
+    main(
+        [
+            "demo",
+            "--samples",
+            "10",
+            "--batch",
+            "10",
+            "--budgets",
+            "0.6",
+            "0.2",
+            "0.1",
+            "--markdown",
+            str(table),
+        ]
+        + ["--plot", str(tmp_path / "demo.png")]
+    )
+    rows = [line.split("|")[1:3] for line in table.read_text().strip().splitlines()[2:]]
+    labels = [method.strip() for method, _ in rows]
+    assert len(rows) == len({tuple(row) for row in rows})  # no setting twice
+    assert labels.count("FastV") == 2  # 0.6, and the floor for 0.2 and 0.1
+    out = capsys.readouterr().out
+    for target in ("0.2", "0.1"):
+        assert f"note, FastV: FLOPs target {target} is out of reach, closest 0.4" in out
+    assert "note, FastV: FLOPs target 0.6" not in out  # reached (gamma-MoD's floor here is above 0.6)

@@ -12,6 +12,10 @@ import tokencompress as tc
 
 from . import evaluation
 
+BUDGET_TOLERANCE = (
+    0.02  # a matched FLOPs ratio further than this from its target is reported (as ablate does)
+)
+
 
 def methods(
     num_layers: int,
@@ -86,15 +90,22 @@ def demo(args: argparse.Namespace) -> None:
     routers = shipped_routers(args.model)
     compared = methods(num_layers, visual, model, routers.get("gamma_mod"))
     settings: list[tuple[str, str, tc.Compressor | None]] = [("uncompressed", "-", None)]
-    skipped = []
+    skipped, unreached = [], []
     for method in tqdm(compared, desc="matching budgets"):
         try:
             matched = [evaluation.match_budget(model, prompts, method, t, probe) for t in args.budgets]
         except ValueError as error:  # the method does not fit this model (e.g. too few layers)
             skipped.append(f"{method.name}: {error}")
             continue
-        for value, ratio in matched:
-            settings.append((method.name, f"{value:.3g} (FLOPs {ratio:.2f})", method.make(value)))
+        evaluated = set()  # targets below a method's floor all match its floor: one row for it
+        for target, (value, ratio) in zip(args.budgets, matched, strict=True):
+            if abs(ratio - target) > BUDGET_TOLERANCE:
+                unreached.append(
+                    f"{method.name}: FLOPs target {target:g} is out of reach, closest {ratio:.3f}"
+                )
+            if value not in evaluated:
+                evaluated.add(value)
+                settings.append((method.name, f"{value:.3g} (FLOPs {ratio:.2f})", method.make(value)))
     if "dpn" in routers:  # its routers choose the budget: one point, where they land
         dpn = routers["dpn"]
         trained = evaluation.with_weights(model, tc.build("dpn", **dpn.params), dpn.weights)
@@ -114,6 +125,8 @@ def demo(args: argparse.Namespace) -> None:
         )
     else:
         print("not shown: DPN (its routers need training; see docs/training.md)")
+    for reason in unreached:
+        print(f"note, {reason}")
     for reason in skipped:
         print(f"skipped, {reason}")
     evaluation.pareto_plot(results, results[0], args.plot)
