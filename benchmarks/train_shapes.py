@@ -28,6 +28,7 @@ LLaMA decoder attention biases (`attention_bias`) and copies a trained Qwen2-VL'
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import time
@@ -475,10 +476,11 @@ def train(args: argparse.Namespace) -> None:
 
 
 def save(model: nn.Module, args: argparse.Namespace, record: dict) -> None:
-    """The weights in fp16 (the training copy stays fp32) and training.json, into --out."""
+    """The weights in fp16 (the training copy stays fp32) and training.json, into --out. An fp16 copy is saved, so
+    that config.json's dtype says what the weights are."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict={k: v.half() for k, v in model.state_dict().items()})
+    copy.deepcopy(model).half().save_pretrained(out)
     (out / "training.json").write_text(json.dumps(record, indent=1))
 
 

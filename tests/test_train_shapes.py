@@ -235,3 +235,23 @@ def test_init_from_then_decoder_from_a_qwen2_vl(tmp_path, monkeypatch):
         if name.startswith(("model.language_model.", "lm_head.")):
             torch.testing.assert_close(trained[name], value[: trained[name].shape[0]], rtol=0, atol=0)
     assert not trained["model.language_model.layers.0.self_attn.o_proj.bias"].any()
+
+
+def test_saved_weights_are_fp16_and_say_so(tmp_path):
+    """`save` writes fp16 weights with a config.json whose dtype is float16, and leaves the training copy fp32."""
+    import argparse
+    import json
+
+    from safetensors.torch import load_file
+
+    from benchmarks.train_shapes import save
+
+    model = build_model(WordTokenizer(), seed=9)
+    save(model, argparse.Namespace(out=str(tmp_path)), {"note": "test"})
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float16"
+    assert all(value.dtype == torch.float16 for value in load_file(tmp_path / "model.safetensors").values())
+    loaded = type(model).from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    for name, value in model.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(loaded[name], value.half().float(), rtol=0, atol=0)
+    assert json.loads((tmp_path / "training.json").read_text()) == {"note": "test"}
