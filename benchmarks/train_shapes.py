@@ -328,13 +328,13 @@ def copy_decoder(model: nn.Module, source: nn.Module) -> int:
     embeddings and LM head rows of the shared vocabulary are copied (QwenWordTokenizer appends its placeholders
     after it). The vision side is left as it is. Returns the number of tensors copied."""
     target, given = decoder_parameters(model), decoder_parameters(source)
-    shared = len(WordTokenizer())
+    shared, rows = len(WordTokenizer()), {}
     for name, value in given.items():  # check everything before changing anything
         if name not in target:
             raise ValueError(f"{name} of the source has no counterpart in {type(model).__name__}")
         words = name.endswith("embed_tokens.weight") or name.startswith("lm_head.")
-        rows = min(value.shape[0], target[name].shape[0])
-        same_rows = rows >= shared if words else value.shape[0] == target[name].shape[0]
+        rows[name] = min(value.shape[0], target[name].shape[0])
+        same_rows = rows[name] >= shared if words else value.shape[0] == target[name].shape[0]
         if target[name].shape[1:] != value.shape[1:] or not same_rows:
             raise ValueError(f"{name}: source {tuple(value.shape)} does not fit {tuple(target[name].shape)}")
     unmatched = [name for name in target if name not in given]
@@ -342,8 +342,7 @@ def copy_decoder(model: nn.Module, source: nn.Module) -> int:
         raise ValueError(f"{unmatched} of {type(model).__name__} have no counterpart in the source")
     with torch.no_grad():
         for name, value in given.items():
-            rows = min(value.shape[0], target[name].shape[0])
-            target[name][:rows].copy_(value[:rows].float())
+            target[name][: rows[name]].copy_(value[: rows[name]].float())
         for name in unmatched:
             target[name].zero_()
     return len(given)

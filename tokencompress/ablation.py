@@ -81,7 +81,7 @@ class Match:
     targets: tuple[float, ...]
     steps: int = 12
     integer: bool = False
-    tolerance: float = 0.02
+    tolerance: float = evaluation.BUDGET_TOLERANCE
 
     def cast(self, value: float) -> float | int:
         return int(round(value)) if self.integer else float(value)
@@ -354,7 +354,7 @@ def _match(where: str, data: Any, grid: dict[str, list[Any]]) -> Match | None:
     integer = data.get("integer", False)
     if not isinstance(integer, bool):
         raise ConfigError(f"{where}: match.integer is true or false, got {integer!r}")
-    tolerance = data.get("tolerance", 0.02)
+    tolerance = data.get("tolerance", evaluation.BUDGET_TOLERANCE)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ConfigError(f"{where}: match.tolerance is a positive FLOPs-ratio difference, got {tolerance!r}")
     return Match(

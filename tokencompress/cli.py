@@ -12,9 +12,6 @@ import tokencompress as tc
 
 from . import evaluation
 
-# a matched FLOPs ratio further than this from its target is reported, as `tokencompress ablate` does
-BUDGET_TOLERANCE = 0.02
-
 
 def methods(
     num_layers: int,
@@ -98,7 +95,7 @@ def demo(args: argparse.Namespace) -> None:
             continue
         evaluated = set()  # targets below a method's floor all match its floor: one row for it
         for target, (value, ratio) in zip(args.budgets, matched, strict=True):
-            if abs(ratio - target) > BUDGET_TOLERANCE:
+            if abs(ratio - target) > evaluation.BUDGET_TOLERANCE:
                 unreached.append(
                     f"{method.name}: FLOPs target {target:g} is out of reach, closest {ratio:.3f}"
                 )
